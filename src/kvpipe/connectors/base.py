@@ -1,0 +1,59 @@
+"""The remote connector contract: a byte store keyed by strings, under the remote tier.
+
+A connector moves an entry as two parts, LMCache's layout: ``<key>metadata`` (the 80-byte entry header) and
+``<key>kv_bytes`` (the payload). The remote tier (:mod:`kvpipe.tiers.remote`) does serde, validation, deadlines
+and the down/up state machine; a connector only moves bytes and raises :class:`~kvpipe.errors.TierUnavailable`
+when the remote cannot be reached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol, runtime_checkable
+
+__all__ = ["Connector", "ReadInto"]
+
+# ``read_into(header_bytes) -> writable buffer of the payload's size, or None to skip``: lets a connector receive
+# a payload straight into pool memory once it has seen the header.
+ReadInto = Callable[[bytes], "memoryview | None"]
+
+
+@runtime_checkable
+class Connector(Protocol):
+    """An async byte store. Keys are entry key strings (``ChunkKey.to_string()``)."""
+
+    url: str
+
+    async def exists_many(self, keys: Sequence[str]) -> list[bool]:
+        """Whether a complete entry (header and payload) is stored under each key."""
+        ...
+
+    async def get_many(self, keys: Sequence[str], read_into: ReadInto) -> list[tuple[bytes, memoryview] | None]:
+        """For each key, ``(header_bytes, payload_view)`` or ``None`` for a miss.
+
+        The payload lands in the buffer ``read_into(header_bytes)`` returned (``payload_view`` is that buffer,
+        possibly shorter when the stored payload is truncated); when ``read_into`` returns ``None`` the entry is a
+        miss.
+        """
+        ...
+
+    async def put_many(self, items: Sequence[tuple[str, bytes, memoryview]]) -> int:
+        """Store ``(key, header_bytes, payload)`` entries so that a reader never sees half of one; return how many
+        were stored."""
+        ...
+
+    async def delete_many(self, keys: Sequence[str]) -> int:
+        """Delete entries (both parts); return how many existed."""
+        ...
+
+    async def list_keys(self, pattern: str) -> list[str]:
+        """Entry keys matching a glob ``pattern``."""
+        ...
+
+    async def ping(self) -> None:
+        """Round-trip to the remote. :raises TierUnavailable: when it cannot be reached."""
+        ...
+
+    async def aclose(self) -> None:
+        """Close connections; idempotent."""
+        ...

@@ -1,0 +1,78 @@
+"""Store stages: dedupe → gather (engine KV → pool) → write (CPU tier now, slower tiers write-behind)."""
+
+from __future__ import annotations
+
+import attrs
+
+from kvpipe.memory.pool import HostPool
+from kvpipe.pipeline.stages import Batch, StageBase
+from kvpipe.pipeline.write_behind import WriteBehind
+from kvpipe.tiers.cpu import CpuTier
+
+__all__ = ["DedupeStage", "GatherStage", "WriteStage"]
+
+
+@attrs.define(eq=False)
+class DedupeStage(StageBase):
+    """Marks chunks the CPU tier already holds (``tiers[i] = "cpu"``) so they are neither copied nor rewritten."""
+
+    cpu: CpuTier | None
+    name: str = "dedupe"
+
+    async def process(self, batch: Batch) -> Batch:
+        if self.cpu is not None:
+            for i, present in enumerate(await self.cpu.contains_many(batch.keys)):
+                if present:
+                    batch.tiers[i] = "cpu"
+        return batch
+
+
+@attrs.define(eq=False)
+class GatherStage(StageBase):
+    """Copies each new chunk's KV from the engine tensor into pool memory. A full pool skips the chunk (counted
+    in ``batch.info["skipped"]``); it never waits."""
+
+    pool: HostPool
+    name: str = "gather"
+
+    async def process(self, batch: Batch) -> Batch:
+        kv = batch.kv
+        assert kv is not None  # noqa: S101 - the store path always sets it
+        skipped = 0
+        for i, (start, end) in enumerate(batch.spans):
+            if batch.tiers[i] is not None:
+                continue
+            src = kv[:, :, start:end]
+            obj = self.pool.allocate(tuple(src.shape), src.dtype, end - start)
+            if obj is None:
+                skipped += 1
+                continue
+            obj.tensor.copy_(src)
+            batch.objs[i] = obj
+        batch.info["skipped"] = batch.info.get("skipped", 0) + skipped
+        return batch
+
+
+@attrs.define(eq=False)
+class WriteStage(StageBase):
+    """Puts gathered chunks into the CPU tier (adopting pool memory: no copy) and queues them for the slower
+    tiers; releases the batch's references."""
+
+    cpu: CpuTier | None
+    behind: list[WriteBehind]
+    name: str = "write"
+
+    async def process(self, batch: Batch) -> Batch:
+        idx = [i for i, o in enumerate(batch.objs) if o is not None]
+        if idx:
+            keys = [batch.keys[i] for i in idx]
+            objs = [batch.objs[i] for i in idx]
+            stored = 0
+            if self.cpu is not None:
+                stored = self.cpu.put_many_nowait(keys, objs)  # type: ignore[arg-type]
+            queued = [wb.submit_nowait(keys, objs) for wb in self.behind]  # type: ignore[arg-type]
+            if stored or any(queued):
+                for i in idx:
+                    batch.tiers[i] = "new"
+            batch.release()
+        return batch
