@@ -1,0 +1,1 @@
+"""An example kvpipe plugin distribution (see :mod:`kvpipe_example.plugin`)."""
