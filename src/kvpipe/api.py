@@ -75,7 +75,7 @@ def _check_kv(kv: torch.Tensor, num_tokens: int, dtype: torch.dtype) -> None:
     if not isinstance(kv, torch.Tensor) or kv.dim() not in (4, 5):
         raise ValueError("kv: expected a tensor [layers, 2, tokens, heads, head_dim] or MLA [layers, 1, tokens, "
                          f"dim], got {getattr(kv, 'shape', type(kv).__name__)}")
-    if kv.dim() == 5 and kv.shape[1] != 2 or kv.dim() == 4 and kv.shape[1] != 1:
+    if (kv.dim() == 5 and kv.shape[1] != 2) or (kv.dim() == 4 and kv.shape[1] != 1):
         raise ValueError(f"kv: dimension 1 must be 2 (K, V) or 1 for MLA [layers, 1, tokens, dim], got "
                          f"{tuple(kv.shape)}")
     if kv.shape[2] != num_tokens:
@@ -221,11 +221,20 @@ class KVCache:
         log.debug("lookup: %d of %d tokens hit", hit, len(as_token_array(tokens)))
         return hit
 
-    async def retrieve(self, tokens: TokensLike, *, req_id: str | None = None) -> RetrieveResult:
+    async def retrieve(self, tokens: TokensLike, *, out: torch.Tensor | None = None,
+                       req_id: str | None = None) -> RetrieveResult:
         """The KV of the longest cached prefix of ``tokens``: ``kv`` is ``[layers, 2, num_tokens, heads,
-        head_dim]``. Chunks read from disk or remote are promoted into the CPU tier. A tier failing or an entry
-        going bad shortens the hit; it never raises."""
+        head_dim]``, written into ``out`` when given (``[layers, 2, >= len(tokens), heads, head_dim]``, e.g. the
+        engine's preallocated buffer; ``kv`` is then a view of it). Chunks read from disk or remote are promoted
+        into the CPU tier. A tier failing or an entry going bad shortens the hit; it never raises.
+
+        :raises ValueError: for an ``out`` with too few tokens or another dtype than the config's.
+        """
         self._check_open()
+        if out is not None and (out.dim() not in (4, 5) or out.shape[2] < len(as_token_array(tokens))
+                                or out.dtype != self._dtype):
+            raise ValueError(f"out: expected [layers, 2, >= {len(as_token_array(tokens))}, heads, head_dim] "
+                             f"{dtype_name(self._dtype)}, got {tuple(out.shape)} {dtype_name(out.dtype)}")
         req = req_id or f"req-{next(_req_ids)}"
         spans, keys = self._keys(tokens)
         total = len(as_token_array(tokens))
@@ -236,12 +245,12 @@ class KVCache:
             batches = split_batches(req, keys[:n], spans[:n], None)
             for b in batches:
                 b.tiers = list(where[b.first : b.first + len(b.keys)])
-            scatter = ScatterStage(total_tokens=spans[n - 1][1])
-            out = await run_stages([ReadStage(self._guards), scatter, PromoteStage(self.cpu),
-                                    *self._extra_retrieve], batches)
+            scatter = ScatterStage(total_tokens=spans[n - 1][1], out=out)
+            done = await run_stages([ReadStage(self._guards), scatter, PromoteStage(self.cpu),
+                                     *self._extra_retrieve], batches)
             got = scatter.contiguous_end
             by_tier: dict[str, int] = {}
-            for b in out:
+            for b in done:
                 for (s, e), t in zip(b.spans, b.tiers, strict=True):
                     if t is not None and e <= got:
                         by_tier[t] = by_tier.get(t, 0) + e - s
@@ -361,9 +370,6 @@ class _OpenCache:
         self._config = config
         self._cache: KVCache | None = None
 
-    def __attrs_post_init__(self) -> None:
-        self._dtype = dtype_from_name(self.config.kv_dtype)
-
     async def __aenter__(self) -> KVCache:
         self._cache = await _build(self._config)
         try:
@@ -405,7 +411,8 @@ async def _build(config: Config) -> KVCache:
         if config.remote_url is not None:
             ctx = TierContext(config, pool, regs.serdes.get(config.remote_serde)(config))
             lower.append(await _open_remote(config.remote_url, ctx))
-        extra_store, extra_retrieve = [], []
+        extra_store: list[Stage] = []
+        extra_retrieve: list[Stage] = []
         for name in config.extra_stages:
             regs.stages.get(name)
         for spec in regs.stages.factories.values():
@@ -463,9 +470,10 @@ class Cache:
         """See :meth:`KVCache.lookup`."""
         return self._portal.call(self._cache.lookup, tokens)
 
-    def retrieve(self, tokens: TokensLike, *, req_id: str | None = None) -> RetrieveResult:
+    def retrieve(self, tokens: TokensLike, *, out: torch.Tensor | None = None,
+                 req_id: str | None = None) -> RetrieveResult:
         """See :meth:`KVCache.retrieve`."""
-        return self._portal.call(functools.partial(self._cache.retrieve, tokens, req_id=req_id))
+        return self._portal.call(functools.partial(self._cache.retrieve, tokens, out=out, req_id=req_id))
 
     def prefetch(self, tokens: TokensLike) -> int:
         """See :meth:`KVCache.prefetch`."""

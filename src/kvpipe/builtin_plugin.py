@@ -15,14 +15,15 @@ if TYPE_CHECKING:
 
 
 async def _open_disk(url: str, ctx: TierContext) -> Tier:
+    import os
     from pathlib import Path
 
     from kvpipe.plugins import registries
     from kvpipe.tiers.disk import open_disk_tier
 
     policy = registries().eviction.get(ctx.config.cache_policy)()
-    return await open_disk_tier(Path(url.removeprefix("file://")).expanduser(), ctx.config.max_local_disk_bytes,
-                                ctx.pool, ctx.serde, policy)
+    root = Path(os.path.expanduser(url.removeprefix("file://")))  # noqa: ASYNC240 - no I/O: string work
+    return await open_disk_tier(root, ctx.config.max_local_disk_bytes, ctx.pool, ctx.serde, policy)
 
 
 @hookimpl

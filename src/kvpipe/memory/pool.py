@@ -75,7 +75,7 @@ class MemoryObj:
     @property
     def byte_view(self) -> memoryview:
         """The region's bytes (a view, no copy)."""
-        return memoryview(self.tensor.view(-1).view(torch.uint8).numpy())
+        return memoryview(self.tensor.view(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
 
     @classmethod
     def detached(cls, tensor: torch.Tensor, num_tokens: int) -> MemoryObj:

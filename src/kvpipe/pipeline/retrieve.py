@@ -44,8 +44,9 @@ class ReadStage(StageBase):
 
 @attrs.define(eq=False)
 class ScatterStage(StageBase):
-    """Copies chunks into the output tensor ``[layers, 2|1, total_tokens, ...]``, allocated on the first chunk.
-    Stops at the first missing chunk: what follows a gap is not a prefix hit."""
+    """Copies chunks into the output tensor ``[layers, 2|1, total_tokens, ...]``: the caller's ``out`` (e.g. the
+    engine's own buffer: no allocation, no page faults) or one allocated on the first chunk. Stops at the first
+    missing chunk: what follows a gap is not a prefix hit."""
 
     total_tokens: int
     out: torch.Tensor | None = None

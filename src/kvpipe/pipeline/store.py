@@ -37,7 +37,7 @@ class GatherStage(StageBase):
 
     async def process(self, batch: Batch) -> Batch:
         kv = batch.kv
-        assert kv is not None  # noqa: S101 - the store path always sets it
+        assert kv is not None  # the store path always sets it
         skipped = 0
         for i, (start, end) in enumerate(batch.spans):
             if batch.tiers[i] is not None:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import anyio
 import attrs
-from anyio.abc import ObjectReceiveStream, ObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from kvpipe.keys import ChunkKey
 from kvpipe.memory.pool import MemoryObj
@@ -31,8 +31,8 @@ class WriteBehind:
 
     guard: TierGuard
     queue_size: int
-    _send: ObjectSendStream[_Item] = attrs.field(init=False)
-    _receive: ObjectReceiveStream[_Item] = attrs.field(init=False)
+    _send: MemoryObjectSendStream[_Item] = attrs.field(init=False)
+    _receive: MemoryObjectReceiveStream[_Item] = attrs.field(init=False)
     _pending: int = 0
     _idle: anyio.Event = attrs.field(factory=anyio.Event)
     queued_chunks: int = 0

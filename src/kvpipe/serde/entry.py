@@ -46,7 +46,7 @@ VERSION = 1
 HEADER_SIZE = 80
 _BODY = struct.Struct("<4sHH8sBBH5IIQQQ8x")
 _CRC = struct.Struct("<I")
-assert _BODY.size + _CRC.size == HEADER_SIZE  # noqa: S101 - layout invariant checked at import
+assert _BODY.size + _CRC.size == HEADER_SIZE  # layout invariant, checked at import
 
 DTYPE_CODES: dict[torch.dtype, int] = {
     torch.float16: 1,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from typing import cast
 
 import attrs
 
@@ -136,7 +137,7 @@ class CpuTier:
         """Evict one entry that frees memory (unpinned or lease expired, not being read); ``False`` when none
         can go. Called by the pool when an allocation finds no room."""
         now = time.monotonic()
-        for k in self.policy.candidates():
+        for k in cast("list[ChunkKey]", list(self.policy.candidates())):  # the policy holds our keys
             until = self._pins.get(k)
             if until is not None:
                 if until > now:

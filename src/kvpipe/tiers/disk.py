@@ -169,12 +169,7 @@ class DiskTier:
         stored = len(keys) - len(items)
         if not items:
             return stored
-        jobs = []
-        for k, o in items:
-            payload = self.serde.encode(o.tensor)
-            hdr = EntryHeader.for_payload(k, self.serde.name, o.tensor, o.num_tokens, payload,
-                                          memoryview(payload).nbytes)
-            jobs.append((self._path(k), hdr.to_bytes(), payload))
+        jobs = [(self._path(k), k, o) for k, o in items]
         sizes = await anyio.to_thread.run_sync(self._write_files, jobs, limiter=self._limiter)
         for (k, _), size in zip(items, sizes, strict=True):
             if size is None:
@@ -282,18 +277,25 @@ class DiskTier:
                 out.append(CorruptEntry(f"unreadable: {exc}"))
         return out
 
-    @staticmethod
-    def _write_files(jobs: list[tuple[Path, bytes, object]]) -> list[int | None]:
+    def _write_files(self, jobs: list[tuple[Path, ChunkKey, MemoryObj]]) -> list[int | None]:
+        # Encoding runs here, in the worker thread, not on the event loop (cachegen is CPU-heavy). The caller
+        # holds a reference on each object until this returns.
         out: list[int | None] = []
-        for path, header, payload in jobs:
+        for path, key, obj in jobs:
+            payload = self.serde.encode(obj.tensor)
+            plen = memoryview(payload).nbytes
+            header = EntryHeader.for_payload(key, self.serde.name, obj.tensor, obj.num_tokens, payload,
+                                             plen).to_bytes()
             tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
+            total = len(header) + plen
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
                 try:
-                    n = os.writev(fd, [header, payload])  # type: ignore[list-item]
-                    total = len(header) + memoryview(payload).nbytes  # type: ignore[arg-type]
-                    while n < total:  # short write: finish from a flat copy (rare)
-                        n += os.write(fd, (header + bytes(payload))[n:])  # type: ignore[call-overload]
+                    n = os.writev(fd, [header, payload])
+                    if n < total:  # a short write (rare): finish from a flat copy
+                        flat = header + bytes(payload)
+                        while n < total:
+                            n += os.write(fd, flat[n:])
                 finally:
                     os.close(fd)
                 os.replace(tmp, path)
