@@ -70,6 +70,10 @@ class CacheStats:
     prefetched_chunks: int
     tier_errors: int
 
+    def as_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values (what ``kvpipe serve`` reports at ``/kvpipe/stats``)."""
+        return attrs.asdict(self, recurse=True)
+
 
 def _check_kv(kv: torch.Tensor, num_tokens: int, dtype: torch.dtype) -> None:
     if not isinstance(kv, torch.Tensor) or kv.dim() not in (4, 5):

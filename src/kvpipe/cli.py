@@ -66,7 +66,9 @@ def _jsonable(v: Any) -> Any:
 def _inspect(args: argparse.Namespace) -> int:
     from kvpipe.inspect import inspect_disk, print_report
 
-    if args.remote:
+    if args.url:
+        report = _fetch_stats(args.url)
+    elif args.remote:
         try:
             from kvpipe.connectors.inspect import inspect_remote
         except ImportError:
@@ -88,6 +90,26 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fetch_stats(url: str) -> dict[str, Any]:
+    """The statistics of a running cache (``kvpipe serve``) from ``URL/kvpipe/stats``."""
+    import urllib.error
+    import urllib.request
+
+    if not url.startswith(("http://", "https://")):
+        raise KvpipeError(f"inspect --url: expected http://host:port, got {url!r}")
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/kvpipe/stats", timeout=10) as resp:  # noqa: S310
+            stats = json.load(resp)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise KvpipeError(f"inspect --url: cannot read {url}/kvpipe/stats: {exc}") from None
+    tiers = stats.get("tiers", {})
+    return {"url": url, "chunks": sum(t.get("chunks", 0) for t in tiers.values()),
+            "bytes": sum(t.get("bytes", 0) for t in tiers.values()), "groups": [],
+            "tiers": {n: {k: t.get(k) for k in ("chunks", "bytes", "hits", "misses", "puts", "corrupt",
+                                                   "evictions", "available")} for n, t in tiers.items()},
+            "stats": stats}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every available subcommand."""
     parser = argparse.ArgumentParser(prog="kvpipe", description="kvpipe: a KV-cache layer for LLM engines.")
@@ -107,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_insp = sub.add_parser("inspect", help="chunks, bytes and counters of a disk directory or remote store")
     p_insp.add_argument("path", nargs="?", help="disk tier directory (default: local_disk of the config)")
     p_insp.add_argument("--remote", metavar="URL", help="inspect a remote store (redis://, lm://, ...)")
+    p_insp.add_argument("--url", help="a running cache: kvpipe serve's base URL (reads /kvpipe/stats)")
     p_insp.add_argument("--config", help="YAML config file")
     p_insp.add_argument("--model", help="only entries of this model")
     p_insp.add_argument("--pattern", help="only keys matching this glob (remote)")
