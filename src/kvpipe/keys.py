@@ -85,4 +85,9 @@ class ChunkKey:
             world_size, worker_id = int(world), int(worker)
         except ValueError:
             raise ConfigError(f"chunk key {text!r}: world_size and worker_id must be integers") from None
-        return cls(fmt, model, world_size, worker_id, chunk_hash, dtype)
+        try:
+            return cls(fmt, model, world_size, worker_id, chunk_hash, dtype)
+        except ConfigError:
+            raise
+        except ValueError as exc:  # attrs' ge() validators raise plain ValueError (world_size 0, worker_id -1)
+            raise ConfigError(f"chunk key {text!r}: {exc}") from None
