@@ -214,5 +214,10 @@ def load_model(model: str | os.PathLike[str] | None = None, *, dtype: torch.dtyp
     except (OSError, ValueError) as exc:
         raise ConfigError(f"model={str(model_dir)!r}: could not load it with transformers: {exc}") from exc
     lm.eval()
+    if model_dir.parent == user_cache_dir() / "models" and (model_dir / _DONE_MARKER).is_file():
+        # A converted GGUF: name it after the GGUF file (quantization included: it changes the KV), not after the
+        # cache directory, so cache keys read "SmolLM2-135M-Instruct.Q4_1".
+        lm.config._name_or_path = (model_dir / _DONE_MARKER).read_text().strip().rsplit("/", 1)[-1].removesuffix(
+            ".gguf")
     _report(progress, f"model ready: {lm.config.model_type}, {lm.config.num_hidden_layers} layers, {dtype}")
     return lm, tokenizer
