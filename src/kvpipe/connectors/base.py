@@ -8,14 +8,20 @@ when the remote cannot be reached.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 __all__ = ["Connector", "ReadInto"]
 
-# ``read_into(header_bytes) -> writable buffer of the payload's size, or None to skip``: lets a connector receive
-# a payload straight into pool memory once it has seen the header.
-ReadInto = Callable[[bytes], "memoryview | None"]
+
+
+class ReadInto(Protocol):
+    """``read_into(header_bytes, key=None) -> writable buffer of the payload's size, or None to skip``: lets a
+    connector receive a payload straight into pool memory once it has seen the header. A connector that may read
+    a batch out of order (concurrently from several nodes) passes the entry's ``key``; without it the tier matches
+    the header to a requested key by its key fingerprint."""
+
+    def __call__(self, header: bytes, key: str | None = None, /) -> memoryview | None: ...
 
 
 @runtime_checkable

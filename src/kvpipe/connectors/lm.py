@@ -161,7 +161,7 @@ class LmConnector:
                     continue
                 hb = await io.read_exactly(HEADER_SIZE)
                 rest = n - HEADER_SIZE
-                buf = read_into(hb)
+                buf = read_into(hb, keys[len(out)])
                 if buf is None or rest > len(buf):
                     await io.skip(rest)
                     out.append((hb, _EMPTY))

@@ -99,12 +99,12 @@ class MockConnector:
         found = [self.store.entries.get(k) for k in keys]
         await self._wire(sum(len(e[1]) for e in found if e is not None))
         out: list[tuple[bytes, memoryview] | None] = []
-        for e in found:
+        for k, e in zip(keys, found, strict=True):
             if e is None:
                 out.append(None)
                 continue
             header, payload = e
-            buf = read_into(header)
+            buf = read_into(header, k)
             if buf is None or len(payload) > len(buf):
                 out.append((header, _EMPTY))
                 continue

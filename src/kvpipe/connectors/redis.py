@@ -427,7 +427,7 @@ class RedisConnector:
                 meta = _check(await read_reply(io), f"GET {k}{META_SUFFIX}")
 
                 def target(_n: int, meta: Any = meta) -> memoryview | None:
-                    return read_into(meta) if isinstance(meta, bytes) else None
+                    return read_into(meta, k) if isinstance(meta, bytes) else None
 
                 res = _check(await read_bulk_into(io, target), f"GET {k}{KV_SUFFIX}")
                 n, view = res
@@ -455,7 +455,7 @@ class RedisConnector:
                     await io.send_all(bufs)
                     for i in idxs:
                         meta = metas[i]
-                        res = await read_bulk_into(io, lambda _n, meta=meta: read_into(meta))
+                        res = await read_bulk_into(io, lambda _n, meta=meta, k=keys[i]: read_into(meta, k))
                         if isinstance(res, RespError):
                             if res.kind in ("MOVED", "ASK"):
                                 self._slots = None

@@ -194,17 +194,26 @@ class RemoteTier:
         uniq = list(dict.fromkeys(keys))
         strs = [k.to_string() for k in uniq]
         by_fp = {key_fingerprint(s): i for i, s in enumerate(strs)}
+        by_key = {s: i for i, s in enumerate(strs)}
+        by_fp_of = list(by_fp)
         serde, pool = self.ctx.serde, self.ctx.pool
         headers: dict[int, EntryHeader] = {}
         allocated: dict[int, MemoryObj] = {}
         no_memory: set[int] = set()
 
-        def read_into(hb: bytes) -> memoryview | None:
+        def read_into(hb: bytes, key: str | None = None) -> memoryview | None:
+            # ``key``: kvpipe's connectors say which entry the header came with (they may read a batch out of
+            # order, e.g. a cluster's nodes concurrently); others are matched by the header's key fingerprint.
             try:
                 h = EntryHeader.from_bytes(hb)
             except CorruptEntry:
                 return None
-            i = by_fp.get(h.key_fp)
+            if key is not None:
+                i = by_key.get(key)
+                if i is not None and h.key_fp != by_fp_of[i]:
+                    return None  # foreign: rejected (and deleted) after the read
+            else:
+                i = by_fp.get(h.key_fp)
             if i is None or i in headers or h.serde != serde.name:
                 return None
             headers[i] = h

