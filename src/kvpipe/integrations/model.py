@@ -81,9 +81,11 @@ def default_gguf_path() -> Path:
 
 
 def _report(progress: ProgressCallback | None, message: str) -> None:
-    log.info("%s", message)
     if progress is not None:
+        log.debug("%s", message)
         progress(message)
+    else:
+        log.info("%s", message)
 
 
 def _converted_dir_for(gguf: Path) -> Path:
