@@ -1,0 +1,134 @@
+"""``kvpipe server`` (the ``lm://`` cache server) as a real subprocess: bad frames close only their connection,
+auth, LRU under ``--max-size``, STATS, many concurrent clients, and the ``lmcache_server`` argument form."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+import torch
+from remote_fixtures import chunk, chunk_tensor, key, open_tier, release_all
+from servers import LmServerProc, lm_server
+
+from kvpipe.connectors.lm import LmConnector
+from kvpipe.errors import TierUnavailable
+from kvpipe.lm.protocol import FRAME_SIZE, Frame, Op, Status
+
+
+def _recv_all_or_eof(s: socket.socket) -> bytes:
+    s.settimeout(10)
+    data = b""
+    while True:
+        chunk_ = s.recv(65536)
+        if not chunk_:
+            return data
+        data += chunk_
+
+
+@pytest.mark.parametrize("garbage", [
+    b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"x" * 64,                     # not our protocol
+    Frame(Op.GET, 1, key_len=1 << 20).to_bytes(),                        # oversized key
+    Frame(Op.PUT, 1, key_len=1, payload_len=1 << 50).to_bytes() + b"k",  # oversized payload
+    Frame(Op.GET, 1, version=7).to_bytes(),                              # future version
+])
+async def test_bad_frames_close_only_their_connection(lm: LmServerProc, garbage: bytes, key_model: str) -> None:
+    tier = await open_tier(lm.url)
+    try:
+        k = key(key_model, 0)
+        assert await tier.put_many([k], [chunk(0)]) == 1
+        with socket.create_connection(("127.0.0.1", lm.port)) as s:
+            s.sendall(garbage)
+            assert _recv_all_or_eof(s) == b""  # closed without an answer
+        got = await tier.get_many([k])  # the server and the other client carry on
+        assert got[0] is not None and torch.equal(got[0].tensor, chunk_tensor(0))
+        release_all(got)
+        stats = await tier.connector.stats()  # type: ignore[attr-defined]
+        assert stats["kvpipe_server_rejected_frames"] >= 1
+        assert "closing connection" in lm.log_tail()
+    finally:
+        await tier.aclose()
+
+
+async def test_auth_token(tmp_path: Path, key_model: str) -> None:
+    srv = lm_server(tmp_path, "--auth-token", "s3cret").start()
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port)) as s:  # no AUTH first: refused and closed
+            s.sendall(Frame(Op.GET, 1, 1).to_bytes() + b"k")
+            data = _recv_all_or_eof(s)
+            assert Frame.from_bytes(data[:FRAME_SIZE]).status == Status.UNAUTHORIZED
+        bad = await open_tier(f"lm://127.0.0.1:{srv.port}?auth_token=wrong")
+        assert not bad.available and await bad.get_many([key(key_model, 0)]) == [None]
+        await bad.aclose()
+        for url in (f"lm://127.0.0.1:{srv.port}?auth_token=s3cret", f"lm://:s3cret@127.0.0.1:{srv.port}"):
+            tier = await open_tier(url)
+            try:
+                assert tier.available
+                assert await tier.put_many([key(key_model, 1)], [chunk(1)]) == 1
+                got = await tier.get_many([key(key_model, 1)])
+                assert got[0] is not None and torch.equal(got[0].tensor, chunk_tensor(1))
+                release_all(got)
+            finally:
+                await tier.aclose()
+        assert "wrong auth token" in srv.log_tail()
+    finally:
+        srv.stop()
+
+
+async def test_lru_eviction_under_max_size(tmp_path: Path, key_model: str) -> None:
+    srv = lm_server(tmp_path, max_size_gb=1 / 1024).start()  # 1 MiB
+    conn = LmConnector.from_url(srv.url)
+    try:
+        payload = memoryview(bytes(200 << 10))
+        hdr = bytes(80)
+        for i in range(10):  # 10 x 200 KiB into 1 MiB: the oldest go
+            assert await conn.put_many([(f"{key_model}-{i}", hdr, payload)]) == 1
+            if i == 2:
+                assert await conn.exists_many([f"{key_model}-0"]) == [True]  # touch: not least recent
+                await conn.get_many([f"{key_model}-0"], lambda h, k=None: None)
+        present = await conn.exists_many([f"{key_model}-{i}" for i in range(10)])
+        assert present[9] and present[8] and not present[1]
+        stats = await conn.stats()
+        assert stats["kvpipe_server_evictions"] >= 5
+        assert stats["kvpipe_server_bytes_used"] <= stats["kvpipe_server_capacity_bytes"] <= (1 << 20)
+        # A frame bigger than the whole store is an oversized frame: that connection is closed, the server lives on.
+        with pytest.raises(TierUnavailable):
+            await conn.put_many([("huge", hdr, memoryview(bytes(2 << 20)))])
+        await conn.ping()
+        entries = await conn.list_entries(f"{key_model}-*")
+        assert all(size == 80 + (200 << 10) for _, size in entries)
+    finally:
+        await conn.aclose()
+        srv.stop()
+
+
+async def test_many_concurrent_clients(lm: LmServerProc, key_model: str) -> None:
+    tiers = [await open_tier(lm.url) for _ in range(8)]
+    try:
+        async def client(j: int) -> None:
+            t = tiers[j]
+            keys = [key(key_model, j * 100 + i) for i in range(10)]
+            assert await t.put_many(keys, [chunk(j * 100 + i) for i in range(10)]) == 10
+            got = await t.get_many(keys)
+            for i, g in enumerate(got):
+                assert g is not None and torch.equal(g.tensor, chunk_tensor(j * 100 + i))
+            release_all(got)
+
+        async with anyio.create_task_group() as tg:
+            for j in range(8):
+                tg.start_soon(client, j)
+    finally:
+        for t in tiers:
+            await t.aclose()
+
+
+def test_lmcache_server_arguments(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "kvpipe.lm.server", "127.0.0.1", "0", "cuda"],  # noqa: S603
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "device='cuda'" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "kvpipe.lm.server", "--help"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and "--max-size" in r.stdout and "--auth-token" in r.stdout
