@@ -71,9 +71,10 @@ class Spinner:
             self._stream.flush()
 
 
-def demo_config(path: str | None) -> Config:
-    """The demo's cache config: ``path`` (or ``$KVPIPE_CONFIG_FILE``) and the environment as usual; with neither
-    naming a disk tier, a disk tier under the user cache dir (``<cache>/demo-disk``) and a 2 GB CPU pool.
+def demo_config(path: str | None, *, disk_dir: str = "demo-disk") -> Config:
+    """The cache config of ``kvpipe demo`` and ``kvpipe serve``: ``path`` (or ``$KVPIPE_CONFIG_FILE``) and the
+    environment as usual; where neither names a disk tier, a disk tier under the user cache dir
+    (``<cache>/<disk_dir>``), and a 2 GB CPU pool unless its size is set.
 
     :raises ConfigError: for a bad config.
     """
@@ -83,7 +84,7 @@ def demo_config(path: str | None) -> Config:
     cfg = Config.load(path)
     changes: dict[str, Any] = {}
     if cfg.source_of("local_disk") == "default":
-        changes["local_disk"] = str(user_cache_dir() / "demo-disk")
+        changes["local_disk"] = str(user_cache_dir() / disk_dir)
     if cfg.source_of("max_local_cpu_size") == "default":
         changes["max_local_cpu_size"] = 2.0
     return cfg.replace(**changes) if changes else cfg

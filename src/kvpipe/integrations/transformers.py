@@ -92,6 +92,10 @@ def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[
     return list(tokenizer(str(text), add_special_tokens=False).input_ids)
 
 
+def _str_tuple(value: Sequence[str]) -> tuple[str, ...]:
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
 @attrs.frozen
 class SamplingParams:
     """How to pick tokens. ``temperature == 0`` is greedy (argmax); ``seed`` makes sampling reproducible."""
@@ -99,7 +103,7 @@ class SamplingParams:
     max_new_tokens: int = attrs.field(default=64, validator=attrs.validators.ge(1))
     temperature: float = attrs.field(default=0.0, validator=attrs.validators.ge(0.0))
     top_p: float = attrs.field(default=1.0, validator=[attrs.validators.gt(0.0), attrs.validators.le(1.0)])
-    stop: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    stop: tuple[str, ...] = attrs.field(default=(), converter=_str_tuple)
     stop_token_ids: tuple[int, ...] | None = None
     seed: int | None = None
 
