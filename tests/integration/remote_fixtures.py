@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import uuid
 from typing import Any
 
+import pytest
 import torch
 
 from kvpipe.config import Config
@@ -16,6 +18,7 @@ from kvpipe.serde.naive import NaiveSerde
 from kvpipe.tiers.base import TierContext
 from kvpipe.tiers.remote import RemoteTier, open_remote_tier
 
+REMOTE_KINDS = ["redis", "sentinel", "cluster", "lm", "mock"]
 SHAPE = (2, 2, 16, 2, 8)  # layers, K/V, tokens, heads, head_dim: 4 KiB of float32
 
 
@@ -54,3 +57,18 @@ def release_all(objs: list[MemoryObj | None]) -> None:
     for o in objs:
         if o is not None:
             o.release()
+
+
+def url_for(kind: str, request: pytest.FixtureRequest) -> str:
+    """The remote URL of ``kind`` (one of ``REMOTE_KINDS``), starting its session server on first use."""
+    if kind == "redis":
+        return f"redis://127.0.0.1:{request.getfixturevalue('valkey').port}"
+    if kind == "sentinel":
+        return str(request.getfixturevalue("sentinel").url)
+    if kind == "cluster":
+        return str(request.getfixturevalue("cluster").url)
+    if kind == "lm":
+        return str(request.getfixturevalue("lm").url)
+    if kind == "mock":
+        return f"mock://{uuid.uuid4().hex}"
+    raise ValueError(kind)

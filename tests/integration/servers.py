@@ -57,7 +57,7 @@ def _bindable(port: int) -> bool:
 def free_port(*, with_bus: bool = False) -> int:
     """A free loopback port (and, ``with_bus``, port + 10000 free too, for a cluster bus)."""
     for _ in range(500):
-        port = random.randint(20000, 40000)  # noqa: S311 - not crypto
+        port = random.randint(20000, 40000)
         if _bindable(port) and (not with_bus or _bindable(port + 10000)):
             return port
     raise RuntimeError("no free port")
@@ -93,8 +93,8 @@ class ServerProc:
 
     def start(self, *, wait: bool = True) -> ServerProc:
         """Start (or restart) the process; wait until it answers."""
-        log = open(self.workdir / f"{self.name}.log", "ab")  # noqa: SIM115 - the child owns it
-        self.proc = subprocess.Popen(self.argv, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT,  # noqa: S603
+        log = open(self.workdir / f"{self.name}.log", "ab")
+        self.proc = subprocess.Popen(self.argv, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT,
                                      env=self.env, start_new_session=True)
         log.close()
         if wait:
@@ -204,7 +204,7 @@ def valkey_sentinel(workdir: Path, *, down_after_ms: int = 1000, failover_timeou
     replica = valkey_server(workdir, "--replicaof", "127.0.0.1", str(master.port), name="replica").start()
     sentinels = []
     binary = valkey_bin()
-    assert binary is not None  # noqa: S101 - checked by valkey_server above
+    assert binary is not None
     for i in range(3):
         port = free_port()
         d = workdir / f"sentinel-{port}"
@@ -257,7 +257,7 @@ def valkey_cluster(workdir: Path, masters: int = 3) -> ValkeyCluster:
     cli = valkey_bin("valkey-cli")
     if cli is None:
         raise RuntimeError("no valkey-cli to create the cluster")
-    subprocess.run([cli, "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in nodes],  # noqa: S603
+    subprocess.run([cli, "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in nodes],
                     "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

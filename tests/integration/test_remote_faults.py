@@ -84,7 +84,7 @@ async def _stop_restart_under_load(server: ServerProc, url: str, key_model: str)
                     hits_after_restart.append(time.monotonic())
             except AssertionError:
                 raise
-            except BaseException as exc:  # noqa: BLE001 - the point: nothing may reach the caller
+            except BaseException as exc:
                 errors.append(exc)
                 raise
             await anyio.sleep(0.005)

@@ -126,7 +126,7 @@ async def test_many_concurrent_clients(lm: LmServerProc, key_model: str) -> None
 
 
 def test_lmcache_server_arguments(tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, "-m", "kvpipe.lm.server", "127.0.0.1", "0", "cuda"],  # noqa: S603
+    r = subprocess.run([sys.executable, "-m", "kvpipe.lm.server", "127.0.0.1", "0", "cuda"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "device='cuda'" in r.stderr
     r = subprocess.run([sys.executable, "-m", "kvpipe.lm.server", "--help"], capture_output=True, text=True,

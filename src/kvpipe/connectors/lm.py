@@ -216,7 +216,7 @@ class LmConnector:
 
     async def stats(self) -> dict[str, float]:
         """The server's counters (``STATS``)."""
-        f, body = await self._simple(Op.STATS)
+        _, body = await self._simple(Op.STATS)
         return parse_metrics(body.decode())
 
     async def ping(self) -> None:

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import logging
 import ssl
+import sys
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -34,6 +35,9 @@ from kvpipe.connectors.base import ReadInto
 from kvpipe.connectors.resp import RespError, encode_command, read_bulk_into, read_reply
 from kvpipe.connectors.sockio import Buffer, ConnectionPool, SocketIO, connect_tcp, connect_unix
 from kvpipe.errors import ConfigError, ProtocolError, TierError, TierUnavailable
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
 
 __all__ = ["KV_SUFFIX", "META_SUFFIX", "RedisConnector"]
 
@@ -92,7 +96,7 @@ def _check(reply: Any, what: str) -> Any:
     return reply
 
 
-async def _gather(fns: Sequence[Callable[[], Awaitable[None]]]) -> None:
+async def _gather(fns: Sequence[Callable[[], Coroutine[Any, Any, None]]]) -> None:
     """Run ``fns`` concurrently; re-raise the first failure unwrapped (not as an ExceptionGroup)."""
     if len(fns) == 1:
         await fns[0]()
@@ -156,7 +160,7 @@ class RedisConnector:
 
         :raises ConfigError: for a malformed URL or an unknown scheme.
         """
-        scheme, sep, rest = url.partition("://")
+        scheme, sep, _ = url.partition("://")
         mode = _SCHEMES.get(scheme.lower())
         if not sep or mode is None:
             raise ConfigError(f"remote_url={url!r}: expected one of " + ", ".join(f"{s}://" for s in _SCHEMES))
@@ -349,7 +353,7 @@ class RedisConnector:
             groups[await self._route(rkey)].append(i)
         replies: list[Any] = [None] * len(cmds)
 
-        def runner(node: _Node, idxs: list[int]) -> Callable[[], Awaitable[None]]:
+        def runner(node: _Node, idxs: list[int]) -> Callable[[], Coroutine[Any, Any, None]]:
             async def run() -> None:
                 async with self._conn(node) as io:
                     bufs: list[Buffer] = []
@@ -426,7 +430,7 @@ class RedisConnector:
             for i, k in enumerate(keys):
                 meta = _check(await read_reply(io), f"GET {k}{META_SUFFIX}")
 
-                def target(_n: int, meta: Any = meta) -> memoryview | None:
+                def target(_n: int, meta: Any = meta, k: str = k) -> memoryview | None:
                     return read_into(meta, k) if isinstance(meta, bytes) else None
 
                 res = _check(await read_bulk_into(io, target), f"GET {k}{KV_SUFFIX}")
@@ -446,7 +450,7 @@ class RedisConnector:
         for i in todo:
             groups[await self._route(keys[i] + KV_SUFFIX)].append(i)
 
-        def runner(node: _Node, idxs: list[int]) -> Callable[[], Awaitable[None]]:
+        def runner(node: _Node, idxs: list[int]) -> Callable[[], Coroutine[Any, Any, None]]:
             async def run() -> None:
                 async with self._conn(node) as io:
                     bufs: list[Buffer] = []
@@ -455,7 +459,11 @@ class RedisConnector:
                     await io.send_all(bufs)
                     for i in idxs:
                         meta = metas[i]
-                        res = await read_bulk_into(io, lambda _n, meta=meta, k=keys[i]: read_into(meta, k))
+
+                        def target(_n: int, meta: bytes = meta, k: str = keys[i]) -> memoryview | None:
+                            return read_into(meta, k)
+
+                        res = await read_bulk_into(io, target)
                         if isinstance(res, RespError):
                             if res.kind in ("MOVED", "ASK"):
                                 self._slots = None

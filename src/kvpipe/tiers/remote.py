@@ -378,7 +378,7 @@ class RemoteTier:
             try:
                 with anyio.move_on_after(5):
                     await self.connector.aclose()
-            except Exception as exc:  # noqa: BLE001 - closing must not fail the engine's shutdown
+            except Exception as exc:
                 log.debug("closing connector %s: %s", self._safe_url, exc)
 
 
