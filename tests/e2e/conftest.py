@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +35,7 @@ def smol_dir(smol: tuple[Any, Any]) -> Path:
     return resolve_model_dir()
 
 
-def model_cache_config(disk: Path | None = None, **overrides: Any) -> Config:
-    """A small fp32 cache config for the real model with a unique key prefix; a disk tier when ``disk``."""
+def _model_cache_config(disk: Path | None = None, **overrides: Any) -> Config:
     kw: dict[str, Any] = {"chunk_size": 256, "max_local_cpu_size": 0.3, "kv_dtype": "float32",
                           "model_name": f"smol-test-{uuid.uuid4().hex[:8]}"}
     if disk is not None:
@@ -54,8 +53,20 @@ def config_file(tmp_path: Path) -> Iterator[Path]:
     yield path
 
 
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
+@pytest.fixture
+def cache_config() -> Callable[..., Config]:
+    """``cache_config(disk=None, **overrides)``: a small fp32 cache config for the real model with a unique key
+    prefix (model name), and a disk tier at ``disk`` when given."""
+    return _model_cache_config
+
+
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    return _free_port()
