@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import attrs
 import torch
 
+from kvpipe.layouts.copy import copy_kv
 from kvpipe.memory.pool import MemoryObj
 from kvpipe.pipeline.guard import TierGuard
 from kvpipe.pipeline.stages import Batch, StageBase
@@ -69,7 +70,7 @@ class ScatterStage(StageBase):
                     src.dtype != self.out.dtype:
                 self.broken = True  # a chunk of another model layout under this key: never hand it back
                 continue
-            self.out[:, :, start:end].copy_(src)
+            copy_kv(self.out[:, :, start:end], src)
             self.contiguous_end = end
         batch.kv = self.out
         return batch

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import attrs
 
+from kvpipe.layouts.copy import copy_kv
 from kvpipe.memory.pool import HostPool
 from kvpipe.pipeline.stages import Batch, StageBase
 from kvpipe.pipeline.write_behind import WriteBehind
@@ -47,7 +48,7 @@ class GatherStage(StageBase):
             if obj is None:
                 skipped += 1
                 continue
-            obj.tensor.copy_(src)
+            copy_kv(obj.tensor, src)
             batch.objs[i] = obj
         batch.info["skipped"] = batch.info.get("skipped", 0) + skipped
         return batch

@@ -16,6 +16,7 @@ from typing import cast
 import attrs
 
 from kvpipe.keys import ChunkKey
+from kvpipe.layouts.copy import copy_kv
 from kvpipe.memory.eviction import EvictionPolicy
 from kvpipe.memory.pool import HostPool, MemoryObj
 from kvpipe.tiers.base import TierStats
@@ -87,7 +88,7 @@ class CpuTier:
                 if copy is None:
                     self._put_failures += 1
                     continue
-                copy.tensor.copy_(obj.tensor)
+                copy_kv(copy.tensor, obj.tensor)
                 held = copy
             self._entries[k] = held
             self._bytes += held.nbytes
