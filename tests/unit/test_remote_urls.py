@@ -1,0 +1,64 @@
+"""Remote URL parsing and the RESP command encoder (no network)."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvpipe.connectors.lm import LmConnector
+from kvpipe.connectors.mock import MockConnector
+from kvpipe.connectors.plugin import connector_for_url
+from kvpipe.connectors.redis import RedisConnector
+from kvpipe.connectors.resp import encode_command
+from kvpipe.errors import ConfigError
+
+
+def test_redis_family_urls() -> None:
+    c = RedisConnector.from_url("redis://:pw@h:6380/2?max_connections=3")
+    assert (c.mode, str(c.addrs[0]), c.password, c.db, c.max_connections) == ("single", "h:6380", "pw", 2, 3)
+    assert RedisConnector.from_url("valkey://h").addrs[0].port == 6379
+    assert RedisConnector.from_url("rediss://h:1?ssl_cert_reqs=none").ssl_context is not None
+    u = RedisConnector.from_url("unix:///tmp/r.sock?db=1")
+    assert u.addrs[0].path == "/tmp/r.sock" and u.db == 1
+    s = RedisConnector.from_url("redis-sentinel://a:26379,b:26380,c")
+    assert s.mode == "sentinel" and [str(a) for a in s.addrs] == ["a:26379", "b:26380", "c:26379"]
+    assert s.master_name == "mymaster"
+    assert RedisConnector.from_url("redis-sentinel://a:1/other").master_name == "other"
+    assert RedisConnector.from_url("redis-sentinel://a:1?master_name=m2", master_name="cfg").master_name == "m2"
+    assert RedisConnector.from_url("redis-sentinel://a:1", master_name="cfg").master_name == "cfg"
+    cl = RedisConnector.from_url("redis-cluster://[::1]:7000,h2:7001")
+    assert cl.mode == "cluster" and str(cl.addrs[0]) == "::1:7000"
+
+
+@pytest.mark.parametrize("url", ["redis://h:notaport", "redis://a:1,b:2", "redis-cluster://h:1/3", "ftp://h",
+                                 "redis://h:1/x", "unix://", "redis-sentinel://"])
+def test_bad_redis_urls(url: str) -> None:
+    with pytest.raises(ConfigError):
+        RedisConnector.from_url(url)
+
+
+def test_lm_and_mock_urls() -> None:
+    c = LmConnector.from_url("lm://:tok@localhost:65432")
+    assert (c.host, c.port, c.auth_token) == ("localhost", 65432, "tok")
+    assert LmConnector.from_url("lm://h:1?auth_token=x").auth_token == "x"
+    with pytest.raises(ConfigError):
+        LmConnector.from_url("lm://h")
+    m = MockConnector.from_url("mock://s1?latency_ms=5&bandwidth_gbps=8")
+    assert m.latency_s == 0.005 and m.bandwidth_bps == 1e9
+    assert MockConnector.from_url("mock://s1").store is m.store
+    with pytest.raises(ConfigError):
+        MockConnector.from_url("mock://x?latency_ms=-1")
+
+
+def test_plugin_dispatch() -> None:
+    assert isinstance(connector_for_url("redis-sentinel://a:1"), RedisConnector)
+    assert isinstance(connector_for_url("lm://a:1"), LmConnector)
+    assert isinstance(connector_for_url("mock://z"), MockConnector)
+    assert connector_for_url("infinistore://a:1") is None
+
+
+def test_encode_command_references_big_values() -> None:
+    big = memoryview(bytes(1 << 20))
+    parts = encode_command("SET", "k", big)
+    assert any(p is big for p in parts)  # sent by reference, not copied
+    assert b"".join(bytes(p) for p in parts) == b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1048576\r\n" + bytes(big) + b"\r\n"
+    assert b"".join(bytes(p) for p in encode_command("GET", b"x", 5)) == b"*3\r\n$3\r\nGET\r\n$1\r\nx\r\n$1\r\n5\r\n"
