@@ -32,6 +32,7 @@ __all__ = [
 DEFAULT_PLUGINS: list[str] = [
     "kvpipe.builtin_plugin",
     "kvpipe.connectors.plugin",
+    "kvpipe.serde.cachegen.plugin",
 ]
 
 F = TypeVar("F")

@@ -1,0 +1,173 @@
+"""CacheGen serde: container round trips, lossy accuracy bounds, lossless exactness, coder exactness, config."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kvpipe.errors import ConfigError, CorruptEntry
+from kvpipe.serde.base import Serde
+from kvpipe.serde.cachegen import CacheGenSerde, Container, create_cachegen_serde
+from kvpipe.serde.cachegen.container import CODER_CONSTRICTION, MODE_LOSSLESS, MODE_LOSSY, table_layout
+from kvpipe.serde.cachegen.quant import default_bins
+from kvpipe.serde.cachegen.serde import decode_symbols, encode_symbols
+
+
+def _kv(shape: tuple[int, ...], dtype: torch.dtype = torch.float16, seed: int = 0) -> torch.Tensor:
+    """KV-like data: per-channel offsets and scales, smooth along tokens, an outlier first token."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g).cumsum(2) * 0.2
+    chan = shape[3:]
+    x = x * (torch.rand(chan, generator=g) * 3 + 0.1) + torch.randn(chan, generator=g) * 2
+    x[:, :, 0] *= 8  # an attention-sink-like outlier token
+    return x.to(dtype)
+
+
+def _roundtrip(serde: CacheGenSerde, kv: torch.Tensor) -> tuple[torch.Tensor, int]:
+    payload = serde.encode(kv)
+    out = torch.empty_like(kv)
+    serde.decode_into(memoryview(payload), out)
+    return out, len(payload)
+
+
+def test_is_a_serde() -> None:
+    s = CacheGenSerde()
+    assert isinstance(s, Serde)
+    assert (s.name, s.lossless, s.raw) == ("cachegen", False, False)
+    assert CacheGenSerde(lossless=True).lossless
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(4, 2, 64, 2, 16), (3, 2, 37, 1, 8), (2, 2, 1, 2, 4), (4, 1, 50, 96)])
+def test_lossy_roundtrip_bounded_error(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    kv = _kv(shape, dtype)
+    s = CacheGenSerde(anchor_group=16)
+    out, _ = _roundtrip(s, kv)
+    assert out.shape == kv.shape and out.dtype == kv.dtype
+    x = kv.float().reshape(shape[0], shape[1], shape[2], -1)
+    err = (out.float().reshape(x.shape) - x).abs()
+    # Every residual is at most half a step; a step is at most (channel range) / h with h >= 8 by default,
+    # plus the output dtype's own rounding.
+    span = (x.amax(2) - x.amin(2)).clamp_min(1e-3)
+    bound = span / 16 + x.abs().amax(2) * 2 ** -7 + 1e-3
+    assert (err <= bound.unsqueeze(2)).all()
+
+
+def test_lossy_compresses_smooth_kv() -> None:
+    kv = _kv((8, 2, 256, 4, 32))
+    _, n = _roundtrip(CacheGenSerde(), kv)
+    assert kv.numel() * 2 / n > 3
+
+
+def test_more_bins_less_error() -> None:
+    kv = _kv((4, 2, 128, 2, 16), torch.float32)
+    coarse, n_coarse = _roundtrip(CacheGenSerde(key_bins=8, value_bins=8), kv)
+    fine, n_fine = _roundtrip(CacheGenSerde(key_bins=128, value_bins=128), kv)
+    assert (fine - kv).abs().mean() < (coarse - kv).abs().mean() / 4
+    assert n_fine > n_coarse
+
+
+def test_early_layers_get_more_bins() -> None:
+    bins = default_bins(32, 2)
+    assert bins[0].tolist() == [32, 32] and bins[-1].tolist() == [16, 16]
+    assert (bins[:10, 0] == 32).all() and (bins[10:, 0] == 16).all()
+    assert (bins[:2, 1] == 32).all() and (bins[2:, 1] == 16).all()
+    assert default_bins(30, 1).shape == (30, 1)
+    half = CacheGenSerde(key_bins=[64, 32, 16], value_bins=8).half_widths(5, 2)
+    assert half[:, 0].tolist() == [32, 16, 8, 8, 8] and half[:, 1].tolist() == [4] * 5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_lossless_mode_is_bit_exact(dtype: torch.dtype) -> None:
+    kv = _kv((3, 2, 40, 2, 8), dtype)
+    flat = kv.view(-1)
+    flat[0], flat[1], flat[2], flat[3] = float("inf"), float("-inf"), float("nan"), -0.0
+    out, _ = _roundtrip(CacheGenSerde(lossless=True), kv)
+    assert torch.equal(out.view(torch.uint8), kv.view(torch.uint8))
+
+
+def test_lossless_mla_shape() -> None:
+    kv = _kv((3, 1, 33, 40), torch.bfloat16)
+    out, _ = _roundtrip(CacheGenSerde(lossless=True), kv)
+    assert torch.equal(out.view(torch.uint8), kv.view(torch.uint8))
+
+
+def test_coder_alone_is_exact() -> None:
+    rng = np.random.default_rng(1)
+    half = np.array([16, 8, 4, 1], np.uint8)
+    alph, counts = table_layout(MODE_LOSSY, 2, 2, 50, 12, 7, 4, 127, half)
+    sym = np.concatenate([rng.integers(0, a, c, dtype=np.int32) for a, c in zip(alph, counts, strict=True)])
+    freqs, seg_words, words = encode_symbols(sym, alph, counts, 4, CODER_CONSTRICTION)
+    cont = Container(mode=MODE_LOSSY, coder=CODER_CONSTRICTION, dtype_code=1, shape=(2, 2, 50, 3, 4), layers=2,
+                     planes=2, tokens=50, channels=12, anchor_group=7, table_group=4, anchor_half=127, half=half,
+                     use_delta=np.zeros(48, np.uint8), anchor_scale=np.zeros(48, np.uint16),
+                     delta_scale=np.zeros(48, np.uint16), mid=np.zeros(48, np.uint16), freqs=freqs,
+                     seg_words=seg_words, words=words)
+    back = Container.from_bytes(bytes(cont.to_bytes()))
+    out = np.empty_like(sym)
+    decode_symbols(back, alph, counts, out)
+    assert np.array_equal(out, sym)
+
+
+def test_container_roundtrip_fields() -> None:
+    kv = _kv((2, 2, 20, 2, 4))
+    payload = CacheGenSerde(anchor_group=5, table_group=4).encode(kv)
+    c = Container.from_bytes(payload)
+    assert (c.mode, c.coder, c.shape, c.layers, c.planes, c.tokens, c.channels) == \
+        (MODE_LOSSY, CODER_CONSTRICTION, (2, 2, 20, 2, 4), 2, 2, 20, 8)
+    assert (c.anchor_group, c.table_group, c.anchor_half) == (5, 4, 127)
+    assert bytes(c.to_bytes()) == bytes(payload)
+    lossless = Container.from_bytes(CacheGenSerde(lossless=True).encode(kv))
+    assert lossless.mode == MODE_LOSSLESS and lossless.table_group == 2
+
+
+def test_decode_into_wrong_target_is_corrupt() -> None:
+    kv = _kv((2, 2, 16, 2, 4))
+    payload = CacheGenSerde().encode(kv)
+    with pytest.raises(CorruptEntry):
+        CacheGenSerde().decode_into(payload, torch.empty((2, 2, 17, 2, 4), dtype=torch.float16))
+    with pytest.raises(CorruptEntry):
+        CacheGenSerde().decode_into(payload, torch.empty_like(kv, dtype=torch.float32))
+
+
+def test_encode_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="fp16"):
+        CacheGenSerde().encode(torch.zeros((2, 2, 4, 2, 2), dtype=torch.int32))
+    with pytest.raises(ValueError, match="expects"):
+        CacheGenSerde().encode(torch.zeros((2, 3, 4, 2, 2)))
+
+
+def test_non_finite_lossy_input_does_not_crash() -> None:
+    kv = _kv((2, 2, 16, 2, 4), torch.float32)
+    kv[0, 0, 3, 0, 0] = float("nan")
+    kv[1, 1, 5, 1, 1] = float("inf")
+    out, _ = _roundtrip(CacheGenSerde(), kv)
+    assert torch.isfinite(out).all()
+
+
+def test_factory_reads_config_keys() -> None:
+    class Cfg:
+        cachegen_bins = (64, 32)
+        cachegen_anchor_group = 8
+        cachegen_lossless = False
+        extra_config = {"cachegen_value_bins": "16", "cachegen_table_group": 4}
+
+    s = create_cachegen_serde(Cfg())
+    assert (s.key_bins, s.value_bins, s.anchor_group, s.table_group) == ([64, 32], 16, 8, 4)
+    assert create_cachegen_serde(object()).anchor_group == 16
+
+
+@pytest.mark.parametrize("kw", [{"key_bins": 1}, {"value_bins": [16, 300]}, {"anchor_group": 0},
+                                {"anchor_bins": 255}, {"coder": "zstd"}, {"table_group": -1}])
+def test_bad_config_is_config_error(kw: dict[str, object]) -> None:
+    with pytest.raises(ConfigError):
+        CacheGenSerde(**kw)  # type: ignore[arg-type]
+
+
+def test_registered_as_plugin() -> None:
+    from kvpipe.config import Config
+    from kvpipe.plugins import registries
+
+    serde = registries().serdes.get("cachegen")(Config.load(None, env={}, cachegen_anchor_group=4))
+    assert isinstance(serde, CacheGenSerde) and serde.anchor_group == 4
