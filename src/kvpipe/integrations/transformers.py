@@ -262,15 +262,15 @@ class CachedLM:
         cs = self.cache.config.chunk_size
         skip = already - already % cs
         end = len(tokens) if self.cache.config.save_unfull_chunk else len(tokens) - len(tokens) % cs
-        if end <= skip:
-            return 0
-        # store() takes KV for all of ``tokens`` but reads only the unmasked span: fill just that span of an
-        # uninitialized buffer (untouched pages of a large torch.empty cost nothing).
-        kv = torch.empty(kv_shape_for(self.model.config, end), dtype=self._kv_dtype)
-        kv[:, :, skip:end] = kv_from_dynamic_cache(past, skip, end, dtype=self._kv_dtype)
-        mask = torch.ones(end, dtype=torch.bool)
+        # store() takes KV for all of ``tokens`` but reads only the unmasked full chunks (the last partial one
+        # only with save_unfull_chunk): fill just that span of an uninitialized buffer (untouched pages of a large
+        # torch.empty cost nothing). Called even when nothing is new, so every request logs its store line.
+        kv = torch.empty(kv_shape_for(self.model.config, len(tokens)), dtype=self._kv_dtype)
+        if end > skip:
+            kv[:, :, skip:end] = kv_from_dynamic_cache(past, skip, end, dtype=self._kv_dtype)
+        mask = torch.ones(len(tokens), dtype=torch.bool)
         mask[:skip] = False
-        return self.cache.store(tokens[:end], kv, mask=mask, req_id=req_id)
+        return self.cache.store(tokens, kv, mask=mask, req_id=req_id)
 
     @torch.inference_mode()
     def prefill(self, prompt_ids: Sequence[int], *, store: bool = True, req_id: str | None = None
