@@ -23,7 +23,7 @@ import anyio
 import attrs
 import torch
 
-from kvpipe.connectors.sockio import SocketIO
+from kvpipe.connectors.sockio import SocketIO, tune_socket
 from kvpipe.errors import ProtocolError
 from kvpipe.lm.protocol import (
     FRAME_SIZE,
@@ -132,7 +132,7 @@ class LmServer:
                         log.warning("accept failed: %s", exc)
                         await anyio.sleep(0.1)
                         continue
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    tune_socket(sock)
                     tg.start_soon(self._handle, SocketIO(sock), f"{peer[0]}:{peer[1]}")
         finally:
             lsock.close()
