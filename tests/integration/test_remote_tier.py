@@ -4,11 +4,13 @@ close; plus what only Redis has (SETRANGE, one half of an entry deleted by hand,
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import redis
 import redis.cluster
 import torch
 from remote_fixtures import chunk, chunk_tensor, key, make_ctx, open_tier, release_all
-from servers import ServerProc, ValkeyCluster
+from servers import ServerProc, ValkeyCluster, valkey_server
 
 from kvpipe.serde.entry import EntryHeader
 
@@ -225,3 +227,21 @@ async def test_redis_maxmemory_eviction_is_a_miss(fresh_valkey: ServerProc, key_
     finally:
         await tier.aclose()
         r.close()
+
+
+async def test_unix_socket_and_valkey_scheme(tmp_path: Path, key_model: str) -> None:
+    sock = tmp_path / "v.sock"
+    srv = valkey_server(tmp_path, "--unixsocket", str(sock), "--unixsocketperm", "700").start()
+    try:
+        for url in (f"unix://{sock}", f"valkey://127.0.0.1:{srv.port}/0"):
+            tier = await open_tier(url)
+            try:
+                k = key(key_model, len(url))
+                assert await tier.put_many([k], [chunk(1)]) == 1
+                (got,) = await tier.get_many([k])
+                assert got is not None and torch.equal(got.tensor, chunk_tensor(1))
+                got.release()
+            finally:
+                await tier.aclose()
+    finally:
+        srv.stop()
