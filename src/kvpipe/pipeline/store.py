@@ -65,6 +65,14 @@ class WriteStage(StageBase):
 
     async def process(self, batch: Batch) -> Batch:
         idx = [i for i, o in enumerate(batch.objs) if o is not None]
+        if idx and self.cpu is not None:
+            # A concurrent store of the same prefix may have cached these chunks since DedupeStage looked: they
+            # are not new (not counted, not written behind twice).
+            present = await self.cpu.contains_many([batch.keys[i] for i in idx])
+            for i, p in zip(idx, present, strict=True):
+                if p:
+                    batch.tiers[i] = "cpu"
+            idx = [i for i, p in zip(idx, present, strict=True) if not p]
         if idx:
             keys = [batch.keys[i] for i in idx]
             objs = [batch.objs[i] for i in idx]
@@ -75,5 +83,5 @@ class WriteStage(StageBase):
             if stored or any(queued):
                 for i in idx:
                     batch.tiers[i] = "new"
-            batch.release()
+        batch.release()
         return batch
