@@ -125,8 +125,13 @@ class CacheGenSerde:
             half_t = torch.from_numpy(self.half_widths(n_l, n_s))
             q = quantize(x, half_t, group, ahalf)
             ng = c // tgroup
-            deltas = q.delta_sym.view(n_l, n_s, t, ng, tgroup).permute(0, 1, 3, 2, 4).reshape(n_l * n_s, -1)
-            sym = torch.cat([q.anchor_sym.reshape(n_l * n_s, -1), deltas], dim=1).cpu().reshape(-1).numpy()
+            ta = q.anchor_sym.shape[2]
+            # One int32 buffer in table order; the copies below convert and permute in the same pass.
+            sym_t = torch.empty((n_l * n_s, (ta + t) * c), dtype=torch.int32, device=x.device)
+            sym_t[:, : ta * c].view(n_l, n_s, ta, c).copy_(q.anchor_sym)
+            sym_t[:, ta * c:].view(n_l, n_s, ng, t, tgroup).copy_(
+                q.delta_sym.unflatten(3, (ng, tgroup)).permute(0, 1, 3, 2, 4))
+            sym = sym_t.cpu().reshape(-1).numpy()
             half = half_t.reshape(-1).numpy().astype(np.uint8)
             ascale = _bf16_bits(q.anchor_scale)
             dscale = _bf16_bits(q.delta_scale)
