@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures_core import CHUNK, make_kv, make_tokens, small_config
 
 import kvpipe
+from fixtures_core import CHUNK, make_kv, make_tokens, small_config
 
 _WRITER = textwrap.dedent("""
     import os, sys, time

@@ -11,9 +11,9 @@ from pathlib import Path
 import anyio
 import pytest
 import torch
-from fixtures_core import CHUNK, make_kv, make_tokens, small_config
 
 import kvpipe
+from fixtures_core import CHUNK, make_kv, make_tokens, small_config
 from kvpipe.tiers.disk import _file_name
 
 

@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from fixtures_core import CHUNK, DATA, make_kv, make_tokens, small_config
 
 import kvpipe
+from fixtures_core import CHUNK, DATA, make_kv, make_tokens, small_config
 from kvpipe.cli import main
 
 

@@ -8,8 +8,8 @@ import shlex
 from pathlib import Path
 
 import pytest
-from fixtures_core import DATA
 
+from fixtures_core import DATA
 from kvpipe import Config, ConfigError
 from kvpipe.config import known_keys
 

@@ -7,8 +7,8 @@ import struct
 import pytest
 import torch
 import xxhash
-from fixtures_core import make_kv
 
+from fixtures_core import make_kv
 from kvpipe import ChunkKey, CorruptEntry
 from kvpipe.serde.entry import (
     DTYPE_CODES,

@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from fixtures_core import CHUNK, make_kv, make_tokens, small_config
 
 import kvpipe
+from fixtures_core import CHUNK, make_kv, make_tokens, small_config
 from kvpipe import ChunkKey
 from kvpipe.memory.eviction import FifoPolicy, LruPolicy
 from kvpipe.memory.pool import create_pool

@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from fixtures_core import make_tokens
 
+from fixtures_core import make_tokens
 from kvpipe.hashing import HASH_VERSION, SEED_DIGEST, as_token_array, chunk_spans, prefix_hashes
 
 

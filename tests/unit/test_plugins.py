@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 import torch
-from fixtures_core import CHUNK, make_kv, make_tokens, small_config
 
 import kvpipe
+from fixtures_core import CHUNK, make_kv, make_tokens, small_config
 from kvpipe import plugins
 from kvpipe.errors import ConfigError, PluginError
 from kvpipe.hookspecs import hookimpl

@@ -141,7 +141,7 @@ def test_full_pool_with_everything_pinned_returns_none() -> None:
         keys.append(k)
     assert pool.used == pool.capacity and cpu.statistics().evictions == 0
     assert cpu.pin(keys, lease_secs=3600) == 16
-    result: list[MemoryObj | None | str] = []
+    result: list[MemoryObj | str | None] = []
     t = threading.Thread(target=lambda: result.append(pool.allocate((4 * KIB,), torch.uint8, 1)), daemon=True)
     t.start()
     t.join(timeout=60)  # generous: the assertion is that it returns None at all

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures_core import CHUNK, make_kv, make_tokens, small_config
 
 import kvpipe
+from fixtures_core import CHUNK, make_kv, make_tokens, small_config
 
 
 def test_round_trip_and_every_method(tmp_path: Path) -> None:

@@ -14,8 +14,8 @@ from typing import Any
 
 import anyio
 import pytest
-from contract import TierContract, TierHarness
 
+from contract import TierContract, TierHarness
 from kvpipe.keys import ChunkKey
 from kvpipe.memory.eviction import LruPolicy
 from kvpipe.plugins import registries
