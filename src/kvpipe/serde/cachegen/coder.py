@@ -5,13 +5,11 @@ Symbols arrive as one flat int32 array laid out table after table (see
 with one vectorised ``bincount``; each (layer, plane) segment becomes one independent coded stream, so one
 library call codes a whole table's symbols (thousands to millions), never one symbol at a time.
 
-Two coders share this interface:
-
-* ``constriction`` (coder id 1): constriction's ANS coder with ``Categorical(perfect=False)`` models built from
-  the stored integer frequencies, so encoder and decoder derive bit-identical models. Measured here: ~170 M
-  symbols/s encode, ~50 M symbols/s decode, single threaded (it holds the GIL).
-* ``native`` (coder id 2): kvpipe's own interleaved rANS in C++ (:mod:`kvpipe.serde.cachegen.native`), used when
-  it compiled.
+The coder (id 1) is constriction's ANS coder with ``Categorical(perfect=False)`` models built from the stored
+integer frequencies, so encoder and decoder derive bit-identical models. Measured here: ~170 M symbols/s
+encode, ~30-50 M symbols/s decode, single threaded (it holds the GIL: two threads decode no faster). That decode
+rate, ~0.1 GB/s of fp16 KV, is the codec's bottleneck; container coder id 2 is reserved for a native interleaved
+rANS that would lift it.
 """
 
 from __future__ import annotations
@@ -53,7 +51,7 @@ def count_freqs(symbols: np.ndarray, alphabets: np.ndarray, counts: np.ndarray) 
 
 
 def _models(freqs: np.ndarray, alphabets: np.ndarray) -> list[object]:
-    import constriction  # noqa: PLC0415 - optional heavy import kept off `import kvpipe`
+    import constriction
 
     categorical = constriction.stream.model.Categorical
     models: list[object] = []
@@ -71,7 +69,7 @@ def _models(freqs: np.ndarray, alphabets: np.ndarray) -> list[object]:
 def encode_constriction(symbols: np.ndarray, alphabets: np.ndarray, counts: np.ndarray, freqs: np.ndarray,
                         num_segments: int) -> tuple[np.ndarray, np.ndarray]:
     """Code ``symbols`` (int32, table order) into ``(words per segment u32, words u32)``."""
-    import constriction  # noqa: PLC0415
+    import constriction
 
     models = _models(freqs, alphabets)
     per = len(alphabets) // num_segments
@@ -95,7 +93,7 @@ def decode_constriction(seg_words: np.ndarray, words: np.ndarray, alphabets: np.
 
     :raises CorruptEntry: when a stream cannot be decoded with its tables.
     """
-    import constriction  # noqa: PLC0415
+    import constriction
 
     try:
         models = _models(freqs, alphabets)

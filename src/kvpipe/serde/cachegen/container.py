@@ -77,7 +77,7 @@ CODER_NATIVE = 2
 _HEAD = struct.Struct("<4sHBBBBH5IIIIIIB3xIIQQ")
 _CRC = struct.Struct("<I")
 CONTAINER_HEADER_SIZE = _HEAD.size + _CRC.size
-assert CONTAINER_HEADER_SIZE == 84  # noqa: S101 - layout invariant checked at import
+assert CONTAINER_HEADER_SIZE == 84
 
 # Bounds that keep a corrupt header from asking for absurd allocations before the body checksum is checked.
 _MAX_DIM = 1 << 24
@@ -120,14 +120,15 @@ class Container:
 
     def to_bytes(self) -> bytearray:
         """The wire form (header + body) as one new buffer."""
-        sections = [self.half, self.use_delta, self.anchor_scale, self.delta_scale, self.mid, self.freqs, self.seg_words, self.words]
+        sections = [self.half, self.use_delta, self.anchor_scale, self.delta_scale, self.mid, self.freqs,
+                    self.seg_words, self.words]
         body_len = sum(_padded(int(s.nbytes)) for s in sections)
         out = bytearray(CONTAINER_HEADER_SIZE + body_len)
         pos = CONTAINER_HEADER_SIZE
         for s in sections:
             n = int(s.nbytes)
             if n:
-                out[pos:pos + n] = memoryview(np.ascontiguousarray(s)).cast("B")
+                out[pos:pos + n] = np.ascontiguousarray(s).view(np.uint8).reshape(-1).data
             pos += _padded(n)
         body = memoryview(out)[CONTAINER_HEADER_SIZE:]
         shape = list(self.shape) + [0] * (5 - len(self.shape))
@@ -210,8 +211,8 @@ class Container:
             raise CorruptEntry(f"cachegen body has {len(body) - reader.pos} trailing bytes")
         return cls(mode=mode, coder=coder, dtype_code=dcode, shape=shape, layers=layers, planes=planes,
                    tokens=tokens, channels=channels, anchor_group=group, table_group=tgroup, anchor_half=ahalf,
-                   half=half, use_delta=use_delta, anchor_scale=ascale, delta_scale=dscale, mid=mid, freqs=freqs, seg_words=seg_words,
-                   words=words)
+                   half=half, use_delta=use_delta, anchor_scale=ascale, delta_scale=dscale, mid=mid, freqs=freqs,
+                   seg_words=seg_words, words=words)
 
 
 def table_layout(mode: int, layers: int, planes: int, tokens: int, channels: int, anchor_group: int,

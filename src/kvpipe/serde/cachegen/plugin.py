@@ -13,6 +13,6 @@ if TYPE_CHECKING:
 @hookimpl
 def kvpipe_register_serdes(registry: SerdeRegistry) -> None:
     """``cachegen``: the CacheGen codec, configured by the config's ``cachegen_*`` keys."""
-    from kvpipe.serde.cachegen.serde import create_cachegen_serde  # noqa: PLC0415 - torch/numpy only when used
+    from kvpipe.serde.cachegen.serde import create_cachegen_serde
 
     registry.add("cachegen", create_cachegen_serde)

@@ -51,7 +51,7 @@ def chunks_from_cache(cache: Any) -> torch.Tensor:
 
 def cache_from_chunks(kv: torch.Tensor, config: Any) -> Any:
     """``[L, 2, T, heads, head_dim]`` → a fresh ``DynamicCache`` (batch 1)."""
-    from transformers import DynamicCache  # noqa: PLC0415
+    from transformers import DynamicCache
 
     cache = DynamicCache(config=config)
     for i in range(kv.shape[0]):

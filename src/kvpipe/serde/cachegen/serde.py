@@ -28,7 +28,7 @@ __all__ = ["CacheGenSerde", "decode_symbols", "encode_symbols"]
 logger = logging.getLogger(__name__)
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_CODERS = {"constriction": CODER_CONSTRICTION, "native": CODER_NATIVE}
+_CODERS = {"constriction": CODER_CONSTRICTION}
 
 
 def _bins_array(spec: int | Sequence[int] | None, layers: int, default: np.ndarray) -> np.ndarray:
@@ -62,8 +62,8 @@ class CacheGenSerde:
     :param anchor_bins: quantization bins of the anchors.
     :param table_group: channels per probability table; 0 = one table per head (``head_dim``; 64 for MLA).
     :param lossless: skip quantization and entropy-code the raw bytes (bit-exact; for testing the coder).
-    :param coder: ``"constriction"`` or ``"native"`` (falls back to constriction when the native coder is not
-        available); the container records which, and decoding accepts both.
+    :param coder: ``"constriction"`` (the only coder so far; the container records the coder id, and id 2 is
+        reserved for a native rANS coder that is not written yet).
     """
 
     key_bins: int | Sequence[int] | None = None
@@ -109,8 +109,6 @@ class CacheGenSerde:
         c = int(np.prod(kv.shape[3:]))
         x = kv.reshape(n_l, n_s, t, c)
         coder = _CODERS[self.coder]
-        if coder == CODER_NATIVE and not _native_available():
-            coder = CODER_CONSTRICTION
         if self.lossless:
             esize = kv.element_size()
             # Byte planes [L, S, E, T, C]: each plane of each (layer, K/V) gets its own table.
@@ -208,40 +206,24 @@ def _from_bf16_bits(bits: np.ndarray, n_l: int, n_s: int, c: int) -> torch.Tenso
     return torch.from_numpy(bits.view(np.int16).copy()).view(torch.bfloat16).view(n_l, n_s, c)
 
 
-def _native_available() -> bool:
-    try:
-        from kvpipe.serde.cachegen import native  # noqa: PLC0415
-    except ImportError:
-        return False
-    return native.available()
-
-
 def encode_symbols(sym: np.ndarray, alphabets: np.ndarray, counts: np.ndarray, num_segments: int,
                    coder: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Entropy-code int32 symbols in table order: ``(freqs u16, words per segment u32, words u32)``."""
+    if coder != CODER_CONSTRICTION:
+        raise ValueError(f"unsupported cachegen coder id {coder}")
     freqs = _coder.count_freqs(sym, alphabets, counts)
-    if coder == CODER_NATIVE:
-        from kvpipe.serde.cachegen import native  # noqa: PLC0415
-
-        seg_words, words = native.encode(sym, alphabets, counts, freqs, num_segments)
-    else:
-        seg_words, words = _coder.encode_constriction(sym, alphabets, counts, freqs, num_segments)
+    seg_words, words = _coder.encode_constriction(sym, alphabets, counts, freqs, num_segments)
     return freqs, seg_words, words
 
 
 def decode_symbols(cont: Container, alphabets: np.ndarray, counts: np.ndarray, out: np.ndarray) -> None:
     """Decode a container's streams into ``out`` (int32, table order).
 
-    :raises CorruptEntry: when the streams do not decode (or the native coder is needed and missing).
+    :raises CorruptEntry: when the streams do not decode, or use a coder this build does not have.
     """
     if cont.coder == CODER_NATIVE:
-        if not _native_available():
-            raise CorruptEntry("cachegen entry uses the native coder, which is not available here")
-        from kvpipe.serde.cachegen import native  # noqa: PLC0415
-
-        native.decode(cont.seg_words, cont.words, alphabets, counts, cont.freqs, out)
-    else:
-        _coder.decode_constriction(cont.seg_words, cont.words, alphabets, counts, cont.freqs, out)
+        raise CorruptEntry("cachegen entry uses the native rANS coder, which this build does not have")
+    _coder.decode_constriction(cont.seg_words, cont.words, alphabets, counts, cont.freqs, out)
 
 
 def create_cachegen_serde(config: Any) -> CacheGenSerde:
@@ -250,7 +232,7 @@ def create_cachegen_serde(config: Any) -> CacheGenSerde:
     Keys (attributes of the config, else entries of its ``extra_config`` mapping): ``cachegen_bins`` (per-layer
     bins for K and V; the last value repeats), ``cachegen_key_bins`` / ``cachegen_value_bins`` (override per
     plane), ``cachegen_anchor_group``, ``cachegen_anchor_bins``, ``cachegen_table_group``, ``cachegen_lossless``,
-    ``cachegen_coder`` (``constriction`` | ``native``).
+    ``cachegen_coder`` (``constriction``).
 
     :raises ConfigError: for an invalid value.
     """
