@@ -251,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     assert raw_proc.stdout is not None and raw_proc.stdout.readline().strip() == "ready"
     results: dict[str, Any] = {
         "benchmark": "remote", "quick": args.quick, "iters": iters, "warmup": warmup,
-        "host": {"cpus": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine()},
+        "host": {"cpus": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine(),
+                 "loadavg_at_start": os.getloadavg()},
         "note": "loopback, servers on the same host; taken on a busy shared 2-core machine (other agents were "
                 "running), so absolute figures are noisy; methods are interleaved round by round, compare ratios",
         "sizes": {},
@@ -276,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         raw_proc.terminate()
         raw_proc.wait(10)
         shutil.rmtree(work, ignore_errors=True)
+    results["host"]["loadavg_at_end"] = os.getloadavg()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
