@@ -82,7 +82,7 @@ def kv_from_dynamic_cache(cache: DynamicCache, start: int = 0, end: int | None =
     :raises ValueError: for a span outside the cached sequence.
     """
     check_dynamic_cache(cache)
-    layers = cache.layers
+    layers: list[Any] = list(cache.layers)  # all DynamicLayer (checked); transformers types them as a union
     if not layers or not layers[0].is_initialized:
         raise ValueError("kv_from_dynamic_cache: the cache is empty")
     k0 = layers[0].keys
@@ -136,7 +136,8 @@ def dynamic_cache_from_kv(kv: torch.Tensor, model_config: Any | None = None, *,
         cache.layers = [DynamicLayer() for _ in range(kv.shape[0])]
     if len(cache.layers) != kv.shape[0]:
         raise UnsupportedCache(f"kv has {kv.shape[0]} layers, the model's cache {len(cache.layers)}")
-    for i, layer in enumerate(cache.layers):
+    layers: list[Any] = list(cache.layers)
+    for i, layer in enumerate(layers):
         k = kv[i, 0].transpose(0, 1).unsqueeze(0)  # [tokens, heads, dim] -> [1, heads, tokens, dim]
         v = kv[i, 1].transpose(0, 1).unsqueeze(0)
         layer.lazy_initialization(k, v)
