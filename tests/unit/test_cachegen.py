@@ -8,8 +8,14 @@ import torch
 
 from kvpipe.errors import ConfigError, CorruptEntry
 from kvpipe.serde.base import Serde
-from kvpipe.serde.cachegen import CacheGenSerde, Container, create_cachegen_serde
-from kvpipe.serde.cachegen.container import CODER_CONSTRICTION, MODE_LOSSLESS, MODE_LOSSY, table_layout
+from kvpipe.serde.cachegen import CacheGenSerde, Container, create_cachegen_serde, native
+from kvpipe.serde.cachegen.container import (
+    CODER_CONSTRICTION,
+    CODER_NATIVE,
+    MODE_LOSSLESS,
+    MODE_LOSSY,
+    table_layout,
+)
 from kvpipe.serde.cachegen.quant import default_bins
 from kvpipe.serde.cachegen.serde import decode_symbols, encode_symbols
 
@@ -93,21 +99,45 @@ def test_lossless_mla_shape() -> None:
     assert torch.equal(out.view(torch.uint8), kv.view(torch.uint8))
 
 
-def test_coder_alone_is_exact() -> None:
+CODERS = [CODER_CONSTRICTION, pytest.param(CODER_NATIVE, marks=pytest.mark.skipif(
+    not native.available(), reason="native rANS coder did not build (no C++ compiler)"))]
+
+
+@pytest.mark.parametrize("coder", CODERS)
+def test_coder_alone_is_exact(coder: int) -> None:
     rng = np.random.default_rng(1)
     half = np.array([16, 8, 4, 1], np.uint8)
     alph, counts = table_layout(MODE_LOSSY, 2, 2, 50, 12, 7, 4, 127, half)
     sym = np.concatenate([rng.integers(0, a, c, dtype=np.int32) for a, c in zip(alph, counts, strict=True)])
-    freqs, seg_words, words = encode_symbols(sym, alph, counts, 4, CODER_CONSTRICTION)
-    cont = Container(mode=MODE_LOSSY, coder=CODER_CONSTRICTION, dtype_code=1, shape=(2, 2, 50, 3, 4), layers=2,
+    sym[:100] = 0  # a skewed stretch
+    freqs, seg_words, words = encode_symbols(sym, alph, counts, 4, coder)
+    cont = Container(mode=MODE_LOSSY, coder=coder, dtype_code=1, shape=(2, 2, 50, 3, 4), layers=2,
                      planes=2, tokens=50, channels=12, anchor_group=7, table_group=4, anchor_half=127, half=half,
                      use_delta=np.zeros(48, np.uint8), anchor_scale=np.zeros(48, np.uint16),
                      delta_scale=np.zeros(48, np.uint16), mid=np.zeros(48, np.uint16), freqs=freqs,
                      seg_words=seg_words, words=words)
     back = Container.from_bytes(bytes(cont.to_bytes()))
-    out = np.empty_like(sym)
+    out = np.empty(len(sym), np.uint8 if coder == CODER_NATIVE else np.int32)
     decode_symbols(back, alph, counts, out)
     assert np.array_equal(out, sym)
+
+
+@pytest.mark.parametrize("lossless", [False, True])
+def test_coders_interoperate(lossless: bool) -> None:
+    """Entries written with either coder decode with any serde instance (the container names its coder)."""
+    if not native.available():
+        pytest.skip("native rANS coder did not build (no C++ compiler)")
+    kv = _kv((3, 2, 50, 2, 8), torch.bfloat16)
+    a = CacheGenSerde(coder="constriction", lossless=lossless)
+    b = CacheGenSerde(coder="native", lossless=lossless)
+    pa, pb = a.encode(kv), b.encode(kv)
+    assert Container.from_bytes(pa).coder == CODER_CONSTRICTION and Container.from_bytes(pb).coder == CODER_NATIVE
+    outs = []
+    for serde, payload in ((b, pa), (a, pb), (a, pa)):
+        out = torch.empty_like(kv)
+        serde.decode_into(memoryview(payload), out)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[2])
 
 
 def test_container_roundtrip_fields() -> None:
@@ -115,7 +145,7 @@ def test_container_roundtrip_fields() -> None:
     payload = CacheGenSerde(anchor_group=5, table_group=4).encode(kv)
     c = Container.from_bytes(payload)
     assert (c.mode, c.coder, c.shape, c.layers, c.planes, c.tokens, c.channels) == \
-        (MODE_LOSSY, CODER_CONSTRICTION, (2, 2, 20, 2, 4), 2, 2, 20, 8)
+        (MODE_LOSSY, CODER_NATIVE if native.available() else CODER_CONSTRICTION, (2, 2, 20, 2, 4), 2, 2, 20, 8)
     assert (c.anchor_group, c.table_group, c.anchor_half) == (5, 4, 127)
     assert bytes(c.to_bytes()) == bytes(payload)
     lossless = Container.from_bytes(CacheGenSerde(lossless=True).encode(kv))

@@ -20,10 +20,10 @@ from kvpipe.serde.cachegen.container import CONTAINER_HEADER_SIZE
 _HEAD = CONTAINER_HEADER_SIZE - 4
 
 
-def _payload(lossless: bool = False) -> tuple[CacheGenSerde, bytes, torch.Tensor]:
+def _payload(lossless: bool = False, coder: str = "constriction") -> tuple[CacheGenSerde, bytes, torch.Tensor]:
     g = torch.Generator().manual_seed(3)
     kv = (torch.randn((3, 2, 24, 2, 8), generator=g).cumsum(2) * 0.3).half()
-    serde = CacheGenSerde(lossless=lossless, anchor_group=6)
+    serde = CacheGenSerde(lossless=lossless, anchor_group=6, coder=coder)
     return serde, bytes(serde.encode(kv)), kv
 
 
@@ -75,10 +75,13 @@ def test_bit_flips(lossless: bool) -> None:
             _decode(serde, bytes(bad), kv)
 
 
+@pytest.mark.parametrize("coder", ["constriction", "native"])
 @pytest.mark.parametrize("lossless", [False, True])
-def test_resealed_corruption_never_crashes(lossless: bool) -> None:
-    """With valid checksums over corrupted fields, decode either raises CorruptEntry or returns some tensor."""
-    serde, good, kv = _payload(lossless)
+def test_resealed_corruption_never_crashes(lossless: bool, coder: str) -> None:
+    """With valid checksums over corrupted fields, decode either raises CorruptEntry or returns some tensor.
+
+    For the native coder this drives corrupt lengths, tables and words into the C++ decoder itself."""
+    serde, good, kv = _payload(lossless, coder)
     rng = random.Random(2)
     outcomes = {"corrupt": 0, "decoded": 0}
     for i in range(300):

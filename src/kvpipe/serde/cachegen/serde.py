@@ -28,7 +28,7 @@ __all__ = ["CacheGenSerde", "decode_symbols", "encode_symbols"]
 logger = logging.getLogger(__name__)
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_CODERS = {"constriction": CODER_CONSTRICTION}
+_CODERS = {"constriction": CODER_CONSTRICTION, "native": CODER_NATIVE, "auto": 0}
 
 
 def _bins_array(spec: int | Sequence[int] | None, layers: int, default: np.ndarray) -> np.ndarray:
@@ -62,8 +62,9 @@ class CacheGenSerde:
     :param anchor_bins: quantization bins of the anchors.
     :param table_group: channels per probability table; 0 = one table per head (``head_dim``; 64 for MLA).
     :param lossless: skip quantization and entropy-code the raw bytes (bit-exact; for testing the coder).
-    :param coder: ``"constriction"`` (the only coder so far; the container records the coder id, and id 2 is
-        reserved for a native rANS coder that is not written yet).
+    :param coder: ``"auto"`` (native rANS when it builds here, else constriction), ``"native"`` (same fallback)
+        or ``"constriction"``. The container records the coder; decoding handles either (a native entry needs
+        the native coder where it is decoded: without a C++ compiler there it is a miss).
     """
 
     key_bins: int | Sequence[int] | None = None
@@ -72,7 +73,7 @@ class CacheGenSerde:
     anchor_bins: int = 254
     table_group: int = 0
     lossless: bool = False
-    coder: str = "constriction"
+    coder: str = "auto"
     name: str = attrs.field(default="cachegen", init=False)
     raw: bool = attrs.field(default=False, init=False)
 
@@ -109,6 +110,8 @@ class CacheGenSerde:
         c = int(np.prod(kv.shape[3:]))
         x = kv.reshape(n_l, n_s, t, c)
         coder = _CODERS[self.coder]
+        if coder != CODER_CONSTRICTION:
+            coder = CODER_NATIVE if _native_available() else CODER_CONSTRICTION
         if self.lossless:
             esize = kv.element_size()
             # Byte planes [L, S, E, T, C]: each plane of each (layer, K/V) gets its own table.
@@ -171,7 +174,7 @@ class CacheGenSerde:
                                f"not {tuple(out.shape)}/{out.dtype}")
         n_l, n_s, t, c = cont.layers, cont.planes, cont.tokens, cont.channels
         alph, counts = cont.table_layout()
-        sym = np.empty(int(counts.sum()), np.int32)
+        sym = np.empty(int(counts.sum()), np.uint8 if cont.coder == CODER_NATIVE else np.int32)
         decode_symbols(cont, alph, counts, sym)
         sym_t = torch.from_numpy(sym)
         if cont.mode == MODE_LOSSLESS:
@@ -206,23 +209,37 @@ def _from_bf16_bits(bits: np.ndarray, n_l: int, n_s: int, c: int) -> torch.Tenso
     return torch.from_numpy(bits.view(np.int16).copy()).view(torch.bfloat16).view(n_l, n_s, c)
 
 
+def _native_available() -> bool:
+    from kvpipe.serde.cachegen import native
+
+    return native.available()
+
+
 def encode_symbols(sym: np.ndarray, alphabets: np.ndarray, counts: np.ndarray, num_segments: int,
                    coder: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Entropy-code int32 symbols in table order: ``(freqs u16, words per segment u32, words u32)``."""
-    if coder != CODER_CONSTRICTION:
-        raise ValueError(f"unsupported cachegen coder id {coder}")
     freqs = _coder.count_freqs(sym, alphabets, counts)
-    seg_words, words = _coder.encode_constriction(sym, alphabets, counts, freqs, num_segments)
+    if coder == CODER_NATIVE:
+        from kvpipe.serde.cachegen import native
+
+        seg_words, words = native.encode(sym, alphabets, counts, freqs, num_segments)
+    elif coder == CODER_CONSTRICTION:
+        seg_words, words = _coder.encode_constriction(sym, alphabets, counts, freqs, num_segments)
+    else:
+        raise ValueError(f"unsupported cachegen coder id {coder}")
     return freqs, seg_words, words
 
 
 def decode_symbols(cont: Container, alphabets: np.ndarray, counts: np.ndarray, out: np.ndarray) -> None:
-    """Decode a container's streams into ``out`` (int32, table order).
+    """Decode a container's streams into ``out`` (table order; uint8 for the native coder, else int32).
 
-    :raises CorruptEntry: when the streams do not decode, or use a coder this build does not have.
+    :raises CorruptEntry: when the streams do not decode, or need a coder that is not available here.
     """
     if cont.coder == CODER_NATIVE:
-        raise CorruptEntry("cachegen entry uses the native rANS coder, which this build does not have")
+        from kvpipe.serde.cachegen import native
+
+        native.decode(cont.seg_words, cont.words, alphabets, counts, cont.freqs, out)
+        return
     _coder.decode_constriction(cont.seg_words, cont.words, alphabets, counts, cont.freqs, out)
 
 
@@ -232,7 +249,7 @@ def create_cachegen_serde(config: Any) -> CacheGenSerde:
     Keys (attributes of the config, else entries of its ``extra_config`` mapping): ``cachegen_bins`` (per-layer
     bins for K and V; the last value repeats), ``cachegen_key_bins`` / ``cachegen_value_bins`` (override per
     plane), ``cachegen_anchor_group``, ``cachegen_anchor_bins``, ``cachegen_table_group``, ``cachegen_lossless``,
-    ``cachegen_coder`` (``constriction``).
+    ``cachegen_coder`` (``auto`` | ``native`` | ``constriction``).
 
     :raises ConfigError: for an invalid value.
     """
@@ -268,7 +285,7 @@ def create_cachegen_serde(config: Any) -> CacheGenSerde:
                              anchor_bins=int(opt("cachegen_anchor_bins", 254)),
                              table_group=int(opt("cachegen_table_group", 0)),
                              lossless=as_bool(opt("cachegen_lossless", False)),
-                             coder=str(opt("cachegen_coder", "constriction")))
+                             coder=str(opt("cachegen_coder", "auto")))
     except (TypeError, ValueError) as e:
         if isinstance(e, ConfigError):
             raise

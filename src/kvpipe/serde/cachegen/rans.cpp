@@ -1,0 +1,174 @@
+// kvpipe CacheGen native coder (container coder id 2): static-model rANS, 4 interleaved states, 12-bit
+// probabilities, 32-bit states, 16-bit renormalisation. Built on first use by kvpipe.serde.cachegen.native
+// (g++ -O3 -shared [-fopenmp]) and called through ctypes, which releases the GIL; segments (one per layer and
+// K/V) are coded in parallel with OpenMP when available.
+//
+// Stream layout, per table, inside its segment's u32 words:  u32 n16 | ceil(n16 / 2) u32 words holding n16
+// little-endian 16-bit rANS words (decoder reads them front to back; the first 8 words are the 4 final states).
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr uint32_t kProbBits = 12;
+constexpr uint32_t kProbScale = 1u << kProbBits;
+constexpr uint32_t kRansL = 1u << 16;
+
+// Integer-only normalisation of u16 frequencies to kProbScale; identical on both sides.
+// Returns false for a table with no nonzero frequency.
+bool normalize(const uint16_t* f, int64_t alph, uint32_t* freq, uint32_t* cum) {
+  uint64_t total = 0;
+  for (int64_t a = 0; a < alph; ++a) total += f[a];
+  if (total == 0) return false;
+  int64_t sum = 0, best = 0;
+  for (int64_t a = 0; a < alph; ++a) {
+    uint32_t s = 0;
+    if (f[a]) {
+      s = static_cast<uint32_t>((static_cast<uint64_t>(f[a]) * kProbScale) / total);
+      if (s == 0) s = 1;
+    }
+    freq[a] = s;
+    sum += s;
+    if (f[a] > f[best]) best = a;
+  }
+  int64_t d = sum - static_cast<int64_t>(kProbScale);
+  if (d < 0 || static_cast<int64_t>(freq[best]) - d >= 1) {
+    freq[best] = static_cast<uint32_t>(static_cast<int64_t>(freq[best]) - d);
+  } else {
+    while (d > 0) {  // rare: shave the largest frequencies one at a time
+      int64_t m = 0;
+      for (int64_t a = 1; a < alph; ++a) if (freq[a] > freq[m]) m = a;
+      if (freq[m] <= 1) return false;
+      --freq[m];
+      --d;
+    }
+  }
+  uint32_t c = 0;
+  for (int64_t a = 0; a < alph; ++a) { cum[a] = c; c += freq[a]; }
+  return c == kProbScale;
+}
+
+// Encodes n symbols; writes 16-bit words backwards ending at buf + cap; returns the word count or -1.
+int64_t encode_table(const int32_t* sym, int64_t n, const uint32_t* freq, const uint32_t* cum, int64_t alph,
+                     uint16_t* buf, int64_t cap) {
+  uint32_t x[4] = {kRansL, kRansL, kRansL, kRansL};
+  uint16_t* p = buf + cap;
+  for (int64_t i = n - 1; i >= 0; --i) {
+    int32_t s = sym[i];
+    if (s < 0 || s >= alph || freq[s] == 0) return -1;
+    uint32_t& st = x[i & 3];
+    uint32_t f = freq[s];
+    uint32_t x_max = ((kRansL >> kProbBits) << 16) * f;
+    if (st >= x_max) {
+      if (p == buf) return -1;
+      *--p = static_cast<uint16_t>(st & 0xffff);
+      st >>= 16;
+    }
+    st = ((st / f) << kProbBits) + (st % f) + cum[s];
+  }
+  for (int j = 3; j >= 0; --j) {
+    if (p - buf < 2) return -1;
+    *--p = static_cast<uint16_t>(x[j] >> 16);
+    *--p = static_cast<uint16_t>(x[j] & 0xffff);
+  }
+  return (buf + cap) - p;
+}
+
+// Decodes n symbols from n16 16-bit words; returns 0, or -1 when the stream runs out.
+int decode_table(const uint16_t* in, int64_t n16, int64_t n, const uint32_t* freq, const uint32_t* cum,
+                 const uint8_t* lut, uint8_t* out) {
+  if (n16 < 8) return -1;
+  uint32_t x[4];
+  for (int j = 0; j < 4; ++j) x[j] = static_cast<uint32_t>(in[2 * j]) | (static_cast<uint32_t>(in[2 * j + 1]) << 16);
+  const uint16_t* p = in + 8;
+  const uint16_t* end = in + n16;
+  int64_t i = 0;
+  // Main loop: four symbols per iteration, one per state (independent dependency chains).
+  for (; i + 4 <= n; i += 4) {
+    for (int j = 0; j < 4; ++j) {
+      uint32_t slot = x[j] & (kProbScale - 1);
+      uint8_t s = lut[slot];
+      out[i + j] = s;
+      x[j] = freq[s] * (x[j] >> kProbBits) + slot - cum[s];
+      if (x[j] < kRansL) {
+        if (p == end) return -1;
+        x[j] = (x[j] << 16) | *p++;
+      }
+    }
+  }
+  for (; i < n; ++i) {
+    uint32_t& st = x[i & 3];
+    uint32_t slot = st & (kProbScale - 1);
+    uint8_t s = lut[slot];
+    out[i] = s;
+    st = freq[s] * (st >> kProbBits) + slot - cum[s];
+    if (st < kRansL) {
+      if (p == end) return -1;
+      st = (st << 16) | *p++;
+    }
+  }
+  return 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+// Encodes every table. Table t's record goes to out + rec_off[t] (capacity rec_cap[t] u32 words, computed by the
+// caller); rec_len[t] receives the record's length in u32 words. Returns 0, or -(t + 1) for a failing table.
+int64_t kvpipe_rans_encode(const int32_t* sym, int64_t ntables, const int64_t* alph, const int64_t* sym_off,
+                           const int64_t* counts, const uint16_t* freqs, const int64_t* freq_off, uint32_t* out,
+                           const int64_t* rec_off, const int64_t* rec_cap, int64_t* rec_len, int nthreads) {
+  int64_t err = 0;
+#pragma omp parallel for schedule(dynamic, 4) num_threads(nthreads) reduction(min : err)
+  for (int64_t t = 0; t < ntables; ++t) {
+    int64_t a = alph[t];
+    std::vector<uint32_t> freq(a), cum(a);
+    uint32_t* rec = out + rec_off[t];
+    if (counts[t] == 0) { rec[0] = 0; rec_len[t] = 1; continue; }
+    if (a <= 0 || a > 256 || !normalize(freqs + freq_off[t], a, freq.data(), cum.data())) { err = -(t + 1); continue; }
+    int64_t cap16 = 2 * (rec_cap[t] - 1);
+    uint16_t* buf16 = reinterpret_cast<uint16_t*>(rec + 1);
+    int64_t n16 = encode_table(sym + sym_off[t], counts[t], freq.data(), cum.data(), a, buf16, cap16);
+    if (n16 < 0) { err = -(t + 1); continue; }
+    std::memmove(buf16, buf16 + cap16 - n16, static_cast<size_t>(n16) * 2);
+    if (n16 & 1) buf16[n16] = 0;
+    rec[0] = static_cast<uint32_t>(n16);
+    rec_len[t] = 1 + (n16 + 1) / 2;
+  }
+  return err;
+}
+
+// Decodes every segment (tables_per_seg tables each) into out (u8 symbols at sym_off[t]).
+// Returns 0, or -(segment + 1) for the first corrupt segment found.
+int64_t kvpipe_rans_decode(const uint32_t* words, const int64_t* seg_off, int64_t nseg, int64_t tables_per_seg,
+                           const int64_t* alph, const int64_t* sym_off, const int64_t* counts,
+                           const uint16_t* freqs, const int64_t* freq_off, uint8_t* out, int nthreads) {
+  int64_t err = 0;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) reduction(min : err)
+  for (int64_t s = 0; s < nseg; ++s) {
+    const uint32_t* p = words + seg_off[s];
+    const uint32_t* end = words + seg_off[s + 1];
+    uint32_t freq[256], cum[256];
+    std::vector<uint8_t> lut(kProbScale);
+    for (int64_t k = 0; k < tables_per_seg; ++k) {
+      int64_t t = s * tables_per_seg + k;
+      if (p >= end) { err = -(s + 1); break; }
+      int64_t n16 = *p++;
+      int64_t nw = (n16 + 1) / 2;
+      if (nw > end - p) { err = -(s + 1); break; }
+      if (counts[t] == 0) { p += nw; continue; }
+      int64_t a = alph[t];
+      if (a <= 0 || a > 256 || !normalize(freqs + freq_off[t], a, freq, cum)) { err = -(s + 1); break; }
+      for (int64_t v = 0; v < a; ++v) std::memset(lut.data() + cum[v], static_cast<int>(v), freq[v]);
+      if (decode_table(reinterpret_cast<const uint16_t*>(p), n16, counts[t], freq, cum, lut.data(),
+                       out + sym_off[t]) != 0) { err = -(s + 1); break; }
+      p += nw;
+    }
+    if (err == 0 && p != end) err = -(s + 1);
+  }
+  return err;
+}
+
+}  // extern "C"
