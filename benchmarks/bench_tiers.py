@@ -5,7 +5,8 @@ in fp16 = 32 MiB per chunk (DESIGN's chunk tensor ``[layers, 2, tokens, heads, h
 ``--chunks`` chunks. Measured, each against its baseline:
 
 - CPU store (``store()`` on a CPU-only cache) vs ``Tensor.copy_`` of the same chunk slices into preallocated memory;
-- CPU retrieve (``retrieve(out=buffer)``, the engine's buffer; also without ``out=``) vs ``copy_`` back;
+- CPU retrieve (``retrieve(out=buffer)``, the engine's buffer) vs ``copy_`` back into preallocated memory, and
+  ``retrieve()`` without ``out=`` vs ``torch.empty`` + ``copy_`` (both pay the page faults of a fresh tensor);
 - disk store (``store()`` + ``flush()``) vs raw ``write`` of the same bytes to files (no fsync, like the tier);
 - disk cold read (a fresh cache, CPU tier empty, page cache of the entry files dropped with
   ``posix_fadvise(DONTNEED)`` after an fsync) vs raw ``readinto`` of the same files under the same treatment;
@@ -159,7 +160,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             r = await cache.retrieve(last)
             assert r.num_tokens == T
 
-        res["cpu_retrieve_alloc"] = _stats(await _time_async(retrieve_alloc, args.reps, args.warmup))
+        def scatter_alloc(_i: int) -> None:
+            fresh = torch.empty_like(kv)  # what retrieve() without out= must do: a new tensor (page faults)
+            for d, (s, e) in zip(dst, spans):
+                fresh[:, :, s:e].copy_(d)
+
+        b, t = await _pair(scatter_alloc, retrieve_alloc, args.reps, args.warmup)
+        res["memcpy_scatter_alloc"], res["cpu_retrieve_alloc"] = _stats(b), _stats(t)
 
     # ---------------------------------------------------------------- disk tier
     root = Path(tempfile.mkdtemp(prefix="kvpipe-bench-", dir=args.dir))
@@ -170,7 +177,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                                  write_queue_size=max(64, 2 * args.chunks))
         async with kvpipe.open_cache(disk_cfg) as cache, kvpipe.open_cache(kvpipe.Config(**base)) as cpu_only:
             # store() latency, with and without a disk tier behind, alternately (other tokens than below).
-            lat_tokens = [[t + 500_000_000 for t in ts] for ts in tokens]
+            n_lat = args.warmup + args.latency_reps
+            lat_tokens = [[r * 1_000_003 + 500_000_000 + i for i in range(T)] for r in range(n_lat)]
 
             def noop(_i: int) -> None:
                 return None
@@ -185,7 +193,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await cache.flush()  # outside the timed part: each store() meets an idle write queue
 
             lat_a, lat_b = [], []
-            for i in range(args.warmup + args.reps):
+            for i in range(n_lat):
                 _, a1 = await _pair(noop, lambda _j, i=i: store_cpu_only(i), 1, 0)
                 _, b1 = await _pair(noop, lambda _j, i=i: store_with_disk(i), 1, 0, before_subj=settle)
                 if i >= args.warmup:
@@ -239,7 +247,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     ratios = {
         "cpu_store_vs_memcpy": ratio("cpu_store", "memcpy_gather"),
         "cpu_retrieve_out_vs_memcpy": ratio("cpu_retrieve_out", "memcpy_scatter"),
-        "cpu_retrieve_alloc_vs_memcpy": ratio("cpu_retrieve_alloc", "memcpy_scatter"),
+        "cpu_retrieve_alloc_vs_memcpy_alloc": ratio("cpu_retrieve_alloc", "memcpy_scatter_alloc"),
         "disk_store_flush_vs_raw_write": ratio("disk_store_flush", "raw_write"),
         "disk_cold_read_vs_raw_read": ratio("disk_cold_read", "raw_cold_read"),
         "store_latency_disk_vs_cpu_only": (res["store_latency_with_disk"]["median_s"]
@@ -259,7 +267,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "shape": {"layers": args.layers, "kv": 2, "chunk_tokens": args.chunk, "kv_heads": args.heads,
                   "head_dim": args.head_dim, "dtype": "float16", "chunk_bytes": chunk_bytes,
                   "chunks_per_request": args.chunks, "request_bytes": req_bytes},
-        "reps": args.reps, "warmup": args.warmup,
+        "reps": args.reps, "warmup": args.warmup, "latency_reps": args.latency_reps,
         "results": res, "ratios": ratios, "targets_met": targets,
         "machine": {"python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
                     "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -278,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunks", type=int, default=4, help="chunks per request")
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--latency-reps", type=int, default=20,
+                   help="reps of the store() latency comparison (noisy on a shared machine: more samples)")
     p.add_argument("--dir", default=None, help="directory for disk files (default: the system temp dir)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (1: on this busy 2-core machine torch's 2-thread copy_ runs ~50x "
@@ -285,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS / "tiers.json")
     args = p.parse_args(argv)
     if args.quick:
-        args.layers, args.chunks, args.reps, args.warmup = 4, 2, 3, 2
+        args.layers, args.chunks, args.reps, args.warmup, args.latency_reps = 4, 2, 3, 2, 3
     torch.set_num_threads(args.threads)
     report = anyio.run(run, args)
     shape = report["shape"]

@@ -376,3 +376,39 @@ async def test_info_log_lines(caplog: pytest.LogCaptureFixture) -> None:
     assert any(m.startswith(f"Storing KV cache for {3 * CHUNK} out of {3 * CHUNK + 4} tokens") for m in lines)
     assert any(m.startswith(f"Reqid: r-warm, Total tokens {3 * CHUNK + 4}, kvpipe hit tokens: {3 * CHUNK}, "
                             "need to load:") for m in lines)
+
+
+async def test_close_returns_while_the_disk_hangs(tmp_path: Path) -> None:
+    """A write-behind write stuck in the kernel (the temp file is a FIFO nobody reads) must not hold up the
+    cache's close beyond blocking_timeout_secs. A timer unblocks the disk after a long while so that a regression
+    fails this test instead of hanging the run."""
+    import threading
+
+    cfg = small_config(tmp_path, disk=True, blocking_timeout_secs=0.5)
+    state: dict[str, object] = {"timer_unblocked": False}
+    fifo: Path | None = None
+
+    def unblock() -> None:
+        if fifo is not None and "fd" not in state:
+            state["fd"] = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+            state["timer_unblocked"] = True
+
+    timer = threading.Timer(60, unblock)
+    try:
+        async with kvpipe.open_cache(cfg) as cache:
+            tokens = make_tokens(CHUNK)
+            final = tmp_path / "disk" / _file_name(cache.keys_for(tokens)[0])
+            fifo = final.with_name(f"{final.name}.tmp.{os.getpid()}")
+            os.mkfifo(fifo)
+            timer.start()
+            assert await cache.store(tokens, make_kv(CHUNK)) == CHUNK
+            await anyio.sleep(0.1)  # let the write-behind worker get stuck in open()
+        assert state["timer_unblocked"] is False  # close returned while the disk was still hung
+    finally:
+        timer.cancel()
+        unblock()  # let the abandoned writer thread finish
+        with anyio.fail_after(60):
+            while fifo is not None and fifo.exists():
+                await anyio.sleep(0.05)
+        os.close(state["fd"])  # type: ignore[arg-type]
+        final.unlink(missing_ok=True)

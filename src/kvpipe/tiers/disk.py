@@ -170,7 +170,11 @@ class DiskTier:
         if not items:
             return stored
         jobs = [(self._path(k), k, o) for k, o in items]
-        sizes = await anyio.to_thread.run_sync(self._write_files, jobs, limiter=self._limiter)
+        # abandon_on_cancel: a write stuck on a hung disk (NFS, a full device in D state) must not hold up the
+        # cache's shutdown past blocking_timeout_secs; the abandoned thread's entry is written under a temp name,
+        # so at worst a stray temp file is left, removed at the next open.
+        sizes = await anyio.to_thread.run_sync(self._write_files, jobs, limiter=self._limiter,
+                                               abandon_on_cancel=True)
         for (k, _), size in zip(items, sizes, strict=True):
             if size is None:
                 self._put_failures += 1
