@@ -201,3 +201,19 @@ def test_registered_as_plugin() -> None:
 
     serde = registries().serdes.get("cachegen")(Config.load(None, env={}, cachegen_anchor_group=4))
     assert isinstance(serde, CacheGenSerde) and serde.anchor_group == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_native_fused_decode_matches_torch_path(dtype: torch.dtype) -> None:
+    """The C++ fused decode+dequantize (contiguous CPU out) equals the torch dequantization (strided out)."""
+    if not native.available():
+        pytest.skip("native rANS coder did not build (no C++ compiler)")
+    kv = _kv((3, 2, 45, 2, 16), dtype)
+    payload = CacheGenSerde(coder="native", anchor_group=7).encode(kv)
+    fused = torch.empty_like(kv)
+    CacheGenSerde().decode_into(payload, fused)
+    backing = torch.empty((6, *kv.shape[1:]), dtype=dtype)
+    strided = backing[::2]
+    assert not strided.is_contiguous()
+    CacheGenSerde().decode_into(payload, strided)
+    assert torch.allclose(fused.float(), strided.float(), rtol=2e-3, atol=1e-6)

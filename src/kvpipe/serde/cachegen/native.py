@@ -18,6 +18,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -74,6 +75,9 @@ def _build() -> ctypes.CDLL | None:
     lib.kvpipe_rans_encode.argtypes = [_P, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _P, ctypes.c_int]
     lib.kvpipe_rans_decode.restype = _I64
     lib.kvpipe_rans_decode.argtypes = [_P, _P, _I64, _I64, _P, _P, _P, _P, _P, _P, ctypes.c_int]
+    lib.kvpipe_cg_decode_lossy.restype = _I64
+    lib.kvpipe_cg_decode_lossy.argtypes = [_P, _P, _I64, _I64, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _I64,
+                                           _P, _P, _P, _P, _P, _P, ctypes.c_int, ctypes.c_int]
     return lib
 
 
@@ -163,5 +167,40 @@ def decode(seg_words: np.ndarray, words: np.ndarray, alphabets: np.ndarray, coun
     nseg = len(seg_words)
     rc = lib.kvpipe_rans_decode(_ptr(words), _ptr(seg_off), nseg, len(cnt) // nseg, _ptr(alph), _ptr(sym_off),
                                 _ptr(cnt), _ptr(freqs), _ptr(freq_off), _ptr(out), _threads())
+    if rc != 0:
+        raise CorruptEntry(f"cachegen native stream of segment {-rc - 1} does not decode")
+
+
+_OUT_DTYPES = {"float16": 1, "bfloat16": 2, "float32": 3}
+
+
+def decode_lossy_into(cont: Any, alphabets: np.ndarray, counts: np.ndarray, ascale: np.ndarray,
+                      dscale: np.ndarray, mid: np.ndarray, out_ptr: int, out_dtype: str) -> None:
+    """Fused entropy decode + dequantization of a lossy native container into a contiguous CPU tensor's memory
+    (``[L, S, T, C]``, ``out_dtype`` one of float16/bfloat16/float32); scales and mid-ranges as fp32 arrays.
+
+    :raises CorruptEntry: when a stream is inconsistent with its tables.
+    """
+    lib = _get()
+    if lib is None:
+        raise CorruptEntry("cachegen entry uses the native coder, which is not available here")
+    words = np.ascontiguousarray(cont.words, np.uint32)
+    if len(words) == 0:
+        words = np.zeros(1, np.uint32)
+    seg_off = _offsets(np.asarray(cont.seg_words, np.int64))
+    alph = np.ascontiguousarray(alphabets, np.int64)
+    cnt = np.ascontiguousarray(counts, np.int64)
+    freqs = np.ascontiguousarray(cont.freqs, np.uint16)
+    freq_off = _offsets(alph)[:-1].copy()
+    half = np.ascontiguousarray(cont.half, np.uint8)
+    use_delta = np.ascontiguousarray(cont.use_delta, np.uint8)
+    ascale = np.ascontiguousarray(ascale, np.float32)
+    dscale = np.ascontiguousarray(dscale, np.float32)
+    mid = np.ascontiguousarray(mid, np.float32)
+    nseg = len(cont.seg_words)
+    rc = lib.kvpipe_cg_decode_lossy(
+        _ptr(words), _ptr(seg_off), nseg, len(cnt) // nseg, _ptr(alph), _ptr(cnt), _ptr(freqs), _ptr(freq_off),
+        cont.tokens, cont.channels, cont.anchor_group, cont.table_group, cont.anchor_half, _ptr(half),
+        _ptr(ascale), _ptr(dscale), _ptr(mid), _ptr(use_delta), out_ptr, _OUT_DTYPES[out_dtype], _threads())
     if rc != 0:
         raise CorruptEntry(f"cachegen native stream of segment {-rc - 1} does not decode")

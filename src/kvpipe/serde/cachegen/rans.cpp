@@ -5,6 +5,7 @@
 //
 // Stream layout, per table, inside its segment's u32 words:  u32 n16 | ceil(n16 / 2) u32 words holding n16
 // little-endian 16-bit rANS words (decoder reads them front to back; the first 8 words are the 4 final states).
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -167,6 +168,107 @@ int64_t kvpipe_rans_decode(const uint32_t* words, const int64_t* seg_off, int64_
       p += nw;
     }
     if (err == 0 && p != end) err = -(s + 1);
+  }
+  return err;
+}
+
+// Fused decode + dequantize of a lossy container straight into the output tensor ([L, S, T, C], C-contiguous),
+// one pass per element. Per segment (l, s): the anchor table (Ta x C symbols), then C / tg delta tables of
+// T x tg symbols each; x = q * dscale + bias, with bias = reference - h * dscale, where the reference is the
+// anchor reconstruction on anchor rows and, elsewhere, the anchor (use_delta) or the mid-range. out_dtype:
+// 1 = fp16, 2 = bf16, 3 = fp32. Returns 0 or -(segment + 1).
+static inline uint16_t f32_to_f16(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  uint32_t sign = (x >> 16) & 0x8000u;
+  uint32_t ax = x & 0x7fffffffu;
+  if (ax >= 0x47800000u) return static_cast<uint16_t>(sign | (ax > 0x7f800000u ? 0x7e00u : 0x7c00u));
+  if (ax < 0x38800000u) {  // fp16 subnormal or zero: round at 2^-24 (default rounding mode: nearest even)
+    float af;
+    std::memcpy(&af, &ax, 4);
+    return static_cast<uint16_t>(sign | static_cast<uint32_t>(std::lrintf(af * 16777216.0f)));
+  }
+  ax += 0xc8000fffu + ((ax >> 13) & 1u);  // rebias exponent by -112, round to nearest even
+  return static_cast<uint16_t>(sign | (ax >> 13));
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  x += 0x7fffu + ((x >> 16) & 1u);
+  return static_cast<uint16_t>(x >> 16);
+}
+
+int64_t kvpipe_cg_decode_lossy(const uint32_t* words, const int64_t* seg_off, int64_t nseg, int64_t tables_per_seg,
+                               const int64_t* alph, const int64_t* counts, const uint16_t* freqs,
+                               const int64_t* freq_off, int64_t T, int64_t C, int64_t G, int64_t tg, int64_t ah,
+                               const uint8_t* half, const float* ascale, const float* dscale, const float* mid,
+                               const uint8_t* use_delta, void* out, int out_dtype, int nthreads) {
+  int64_t err = 0;
+  const int64_t Ta = (T + G - 1) / G;
+  const int64_t ng = C / tg;
+  if (tables_per_seg != 1 + ng) return -1;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) reduction(min : err)
+  for (int64_t s = 0; s < nseg; ++s) {
+    const uint32_t* p = words + seg_off[s];
+    const uint32_t* end = words + seg_off[s + 1];
+    uint32_t freq[256], cum[256];
+    std::vector<uint8_t> lut(kProbScale), abuf(static_cast<size_t>(Ta * C)), dbuf(static_cast<size_t>(T * tg));
+    std::vector<float> bias_anchor(static_cast<size_t>(Ta * C)), bias_rest(static_cast<size_t>(Ta * C));
+    const float* as = ascale + s * C;
+    const float* ds = dscale + s * C;
+    const float* md = mid + s * C;
+    const uint8_t* ud = use_delta + s * C;
+    const float h = static_cast<float>(half[s]);
+    bool ok = true;
+    for (int64_t k = 0; k < tables_per_seg && ok; ++k) {
+      int64_t t = s * tables_per_seg + k;
+      if (p >= end) { ok = false; break; }
+      int64_t n16 = *p++;
+      int64_t nw = (n16 + 1) / 2;
+      if (nw > end - p) { ok = false; break; }
+      int64_t a = alph[t];
+      int64_t n = counts[t];
+      if (n != (k == 0 ? Ta * C : T * tg) || a <= 0 || a > 256 ||
+          !normalize(freqs + freq_off[t], a, freq, cum)) { ok = false; break; }
+      for (int64_t v = 0; v < a; ++v) std::memset(lut.data() + cum[v], static_cast<int>(v), freq[v]);
+      uint8_t* dst = k == 0 ? abuf.data() : dbuf.data();
+      if (decode_table(reinterpret_cast<const uint16_t*>(p), n16, n, freq, cum, lut.data(), dst) != 0) {
+        ok = false;
+        break;
+      }
+      p += nw;
+      if (k == 0) {
+        for (int64_t r = 0; r < Ta; ++r) {
+          for (int64_t c = 0; c < C; ++c) {
+            float ahat = (static_cast<float>(abuf[r * C + c]) - static_cast<float>(ah)) * as[c];
+            float shift = h * ds[c];
+            bias_anchor[r * C + c] = ahat - shift;
+            bias_rest[r * C + c] = (ud[c] ? ahat : md[c]) - shift;
+          }
+        }
+        continue;
+      }
+      const int64_t c0 = (k - 1) * tg;
+      for (int64_t tok = 0; tok < T; ++tok) {
+        const int64_t r = tok / G;
+        const float* b = (tok % G == 0 ? bias_anchor.data() : bias_rest.data()) + r * C + c0;
+        const float* sc = ds + c0;
+        const uint8_t* q = dbuf.data() + tok * tg;
+        const int64_t o = (s * T + tok) * C + c0;
+        if (out_dtype == 3) {
+          float* dstf = static_cast<float*>(out) + o;
+          for (int64_t j = 0; j < tg; ++j) dstf[j] = static_cast<float>(q[j]) * sc[j] + b[j];
+        } else if (out_dtype == 1) {
+          uint16_t* dsth = static_cast<uint16_t*>(out) + o;
+          for (int64_t j = 0; j < tg; ++j) dsth[j] = f32_to_f16(static_cast<float>(q[j]) * sc[j] + b[j]);
+        } else {
+          uint16_t* dstb = static_cast<uint16_t*>(out) + o;
+          for (int64_t j = 0; j < tg; ++j) dstb[j] = f32_to_bf16(static_cast<float>(q[j]) * sc[j] + b[j]);
+        }
+      }
+    }
+    if (!ok || p != end) err = -(s + 1);
   }
   return err;
 }

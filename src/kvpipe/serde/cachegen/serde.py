@@ -174,6 +174,17 @@ class CacheGenSerde:
                                f"not {tuple(out.shape)}/{out.dtype}")
         n_l, n_s, t, c = cont.layers, cont.planes, cont.tokens, cont.channels
         alph, counts = cont.table_layout()
+        if (cont.mode == MODE_LOSSY and cont.coder == CODER_NATIVE and out.device.type == "cpu"
+                and out.is_contiguous()):
+            # One fused pass in C++: entropy decode, dequantize, convert to the output dtype.
+            from kvpipe.serde.cachegen import native
+
+            def f32(bits: np.ndarray) -> np.ndarray:
+                return _from_bf16_bits(bits, n_l, n_s, c).float().reshape(-1).numpy()
+
+            native.decode_lossy_into(cont, alph, counts, f32(cont.anchor_scale), f32(cont.delta_scale),
+                                     f32(cont.mid), out.data_ptr(), str(out.dtype).removeprefix("torch."))
+            return
         sym = np.empty(int(counts.sum()), np.uint8 if cont.coder == CODER_NATIVE else np.int32)
         decode_symbols(cont, alph, counts, sym)
         sym_t = torch.from_numpy(sym)
