@@ -7,7 +7,8 @@ in fp16 = 32 MiB per chunk (DESIGN's chunk tensor ``[layers, 2, tokens, heads, h
 - CPU store (``store()`` on a CPU-only cache) vs ``Tensor.copy_`` of the same chunk slices into preallocated memory;
 - CPU retrieve (``retrieve(out=buffer)``, the engine's buffer) vs ``copy_`` back into preallocated memory, and
   ``retrieve()`` without ``out=`` vs ``torch.empty`` + ``copy_`` (both pay the page faults of a fresh tensor);
-- disk store (``store()`` + ``flush()``) vs raw ``write`` of the same bytes to files (no fsync, like the tier);
+- disk store (``store()`` + ``flush()``: gather, CPU tier, write-behind) vs raw ``write`` of the same (already
+  contiguous) bytes to files (no fsync, like the tier);
 - disk cold read (a fresh cache, CPU tier empty, page cache of the entry files dropped with
   ``posix_fadvise(DONTNEED)`` after an fsync) vs raw ``readinto`` of the same files under the same treatment;
 - ``store()`` latency with and without a disk tier (write-behind: should be about equal).
@@ -91,19 +92,31 @@ async def _pair(base: Callable[[int], Any], subj: Callable[[int], Awaitable[Any]
                 before_base: Callable[[int], Any] | None = None,
                 before_subj: Callable[[int], Awaitable[Any]] | None = None) -> tuple[list[float], list[float]]:
     """Baseline and subject timed alternately, rep by rep, so both see the same machine load (the machine is
-    shared: sequential phases would compare different loads)."""
+    shared: sequential phases would compare different loads); which one goes first alternates too (on this
+    machine whichever runs second after a page-cache drop was seen to gain or lose up to 2x)."""
     b_out, s_out = [], []
-    for i in range(warmup + reps):
+
+    async def time_base(i: int) -> float:
         if before_base is not None:
             before_base(i)
         t0 = time.perf_counter()
         base(i)
-        tb = time.perf_counter() - t0
+        return time.perf_counter() - t0
+
+    async def time_subj(i: int) -> float:
         if before_subj is not None:
             await before_subj(i)
         t0 = time.perf_counter()
         await subj(i)
-        ts = time.perf_counter() - t0
+        return time.perf_counter() - t0
+
+    for i in range(warmup + reps):
+        if i % 2 == 0:
+            tb = await time_base(i)
+            ts = await time_subj(i)
+        else:
+            ts = await time_subj(i)
+            tb = await time_base(i)
         if i >= warmup:
             b_out.append(tb)
             s_out.append(ts)
@@ -203,10 +216,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await cache.flush()
             await cache.clear()
 
+            # The bytes of each chunk, made contiguous once (the tier writes from pool memory, already contiguous).
+            chunk_bytes_views = [memoryview(kv[:, :, s:e].contiguous().view(-1).view(torch.uint8).numpy())
+                                 for s, e in spans]
+
             def raw_write(i: int) -> None:
-                for j, (s, e) in enumerate(spans):
+                for j, view in enumerate(chunk_bytes_views):
                     with open(raw_dir / f"{i}-{j}", "wb", buffering=0) as f:
-                        f.write(memoryview(kv[:, :, s:e].contiguous().view(torch.uint8).numpy()))
+                        f.write(view)
 
             async def store_flush(i: int) -> None:
                 assert await cache.store(tokens[i], kv) == T
