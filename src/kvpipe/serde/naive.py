@@ -14,7 +14,7 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     """A flat byte view of a contiguous CPU tensor's memory (no copy)."""
     if not t.is_contiguous() or t.device.type != "cpu":
         t = t.contiguous().cpu()
-    return memoryview(t.view(-1).view(torch.uint8).numpy())
+    return memoryview(t.view(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
 @attrs.define(eq=False)
