@@ -318,7 +318,7 @@ class KVCache:
         if self.cpu is None:
             return 0
         spans, keys = self._keys(tokens)
-        pinned = set(keys) & set(self.cpu._pins)
+        pinned = set(self.cpu.pinned_keys(keys))
         self.cpu.unpin(keys)
         return sum(e - s for (s, e), k in zip(spans, keys, strict=True) if k in pinned)
 
@@ -330,11 +330,11 @@ class KVCache:
             await wb.flush()
         n = 0
         if self.cpu is not None:
-            n += await self.cpu.delete_many(list(self.cpu._entries))
+            n += await self.cpu.delete_many(self.cpu.local_keys())
         for tier in self.lower:
-            index = getattr(tier, "_index", None)
-            if isinstance(index, dict):
-                n += await self._guards[tier.name].call("delete_many", 0, list(index))
+            local_keys = getattr(tier, "local_keys", None)  # tiers whose whole content is this instance's
+            if local_keys is not None:
+                n += await self._guards[tier.name].call("delete_many", 0, local_keys())
         return n
 
     async def flush(self) -> None:

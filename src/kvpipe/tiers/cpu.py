@@ -134,6 +134,14 @@ class CpuTier:
         """End the leases of ``keys``; returns how many were pinned."""
         return sum(self._pins.pop(k, None) is not None for k in keys)
 
+    def pinned_keys(self, keys: Sequence[ChunkKey]) -> list[ChunkKey]:
+        """Which of ``keys`` hold a pin now."""
+        return [k for k in keys if k in self._pins]
+
+    def local_keys(self) -> list[ChunkKey]:
+        """Every cached key."""
+        return list(self._entries)
+
     def evict_for(self, nbytes: int) -> bool:
         """Evict one entry that frees memory (unpinned or lease expired, not being read); ``False`` when none
         can go. Called by the pool when an allocation finds no room."""

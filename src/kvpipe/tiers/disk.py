@@ -197,6 +197,11 @@ class DiskTier:
         await anyio.to_thread.run_sync(_unlink_all, paths, limiter=self._limiter)
         return len(present)
 
+    def local_keys(self) -> list[ChunkKey]:
+        """Every indexed key (the directory belongs to this instance; remote stores are shared, so they have no
+        such method and ``clear()`` leaves them alone)."""
+        return list(self._index)
+
     def statistics(self) -> TierStats:
         """A snapshot of the tier's counters."""
         return TierStats(self.name, len(self._index), self._bytes, self._hits, self._misses, self._puts,
