@@ -5,11 +5,11 @@ Symbols arrive as one flat int32 array laid out table after table (see
 with one vectorised ``bincount``; each (layer, plane) segment becomes one independent coded stream, so one
 library call codes a whole table's symbols (thousands to millions), never one symbol at a time.
 
-The coder (id 1) is constriction's ANS coder with ``Categorical(perfect=False)`` models built from the stored
-integer frequencies, so encoder and decoder derive bit-identical models. Measured here: ~170 M symbols/s
-encode, ~30-50 M symbols/s decode, single threaded (it holds the GIL: two threads decode no faster). That decode
-rate, ~0.1 GB/s of fp16 KV, is the codec's bottleneck; container coder id 2 is reserved for a native interleaved
-rANS that would lift it.
+This module is coder id 1: constriction's ANS coder with ``Categorical(perfect=False)`` models built from the
+stored integer frequencies, so encoder and decoder derive bit-identical models. Measured here: ~170 M symbols/s
+encode, ~30-50 M symbols/s decode, single threaded (it holds the GIL: two threads decode no faster), i.e.
+~0.1 GB/s of fp16 KV at best. Coder id 2 (:mod:`kvpipe.serde.cachegen.native`, the default when it builds) is
+kvpipe's own interleaved rANS in C++, with decode fused into dequantization.
 """
 
 from __future__ import annotations
