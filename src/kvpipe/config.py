@@ -231,6 +231,11 @@ class Config:
     cachegen_bins: tuple[int, ...] | None = _f(None, _int_list, "quantization bins per layer group")
     cachegen_anchor_group: int = _f(16, _int(1), "tokens per CacheGen anchor group")
     cachegen_lossless: bool = _f(False, _bool, "CacheGen: code the symbols losslessly (tests)")
+    cachegen_key_bins: tuple[int, ...] | None = _f(None, _int_list, "CacheGen: K bins per layer (last repeats)")
+    cachegen_value_bins: tuple[int, ...] | None = _f(None, _int_list, "CacheGen: V bins per layer (last repeats)")
+    cachegen_anchor_bins: int = _f(254, _int(2), "CacheGen: quantization bins of anchor tokens (2..254)")
+    cachegen_table_group: int = _f(0, _int(0), "CacheGen: channels per probability table; 0 = one per head")
+    cachegen_coder: str = _f("auto", _choice("auto", "native", "constriction"), "CacheGen entropy coder")
     # --- free-form plugin settings
     extra_config: dict[str, Any] = _f(attrs.Factory(dict), _mapping, "settings for plugins")
 
