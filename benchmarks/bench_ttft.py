@@ -139,7 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS / "ttft.json")
     p.add_argument("--plot", type=Path, default=RESULTS / "ttft.png")
     p.add_argument("--note", default="", help="free text stored in the JSON (e.g. machine load)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's own choice). On a shared, "
+                                               "busy machine 1 avoids OpenMP barrier stalls that inflate short "
+                                               "forward passes (the warm case) far more than long ones")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else (
         [1024, 2048] if args.quick else [1024, 2048, 4096, 8192])
     repeats = args.repeats or (3 if args.quick else 5)
