@@ -405,7 +405,8 @@ async def _build(config: Config) -> KVCache:
     regs = registries()
     prefix = KeyPrefix(config.key_format, config.model_name, config.world_size, config.worker_id,
                        dtype_name(dtype_from_name(config.kv_dtype)))
-    pool = create_pool(config.max_local_cpu_bytes, hugepages=config.local_cpu_use_hugepages)
+    pool = create_pool(config.max_local_cpu_bytes, hugepages=config.local_cpu_use_hugepages,
+                       prefault=config.local_cpu_prefault)
     cpu = CpuTier(pool, regs.eviction.get(config.cache_policy)()) if config.local_cpu else None
     lower: list[Tier] = []
     try:

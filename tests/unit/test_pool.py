@@ -201,3 +201,29 @@ def test_statistics_snapshot() -> None:
     assert (s.capacity, s.used, s.allocated_objects, s.alloc_failures) == (8 * KIB, 0, 0, 0)
     assert s.pinned == torch.cuda.is_available()
     assert s.hugepages is False
+
+
+def test_prefault_makes_pages_resident_and_keeps_contents() -> None:
+    """The background prefault (madvise MADV_POPULATE_WRITE) raises the pool's resident pages and never changes a
+    byte written before or while it runs."""
+    import resource
+    import threading
+
+    import torch
+
+    from kvpipe.memory.pool import create_pool
+
+    def rss_kb() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * (resource.getpagesize() // 1024)
+
+    before = rss_kb()
+    pool = create_pool(256 << 20, prefault=True)
+    obj = pool.allocate((1024,), torch.float32, 1)
+    assert obj is not None
+    obj.tensor.copy_(torch.arange(1024, dtype=torch.float32))
+    for t in threading.enumerate():
+        if t.name == "kvpipe-pool-prefault":
+            t.join()
+    assert rss_kb() - before > 200 * 1024  # ~256 MiB became resident
+    assert torch.equal(obj.tensor, torch.arange(1024, dtype=torch.float32))

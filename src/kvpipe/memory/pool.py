@@ -8,6 +8,8 @@ has no room the pool asks its evictor (the CPU tier's LRU) to free entries, and 
 from __future__ import annotations
 
 import bisect
+import ctypes
+import ctypes.util
 import logging
 import mmap
 import threading
@@ -193,9 +195,38 @@ class HostPool:
                          self.pinned, self.hugepages)
 
 
-def create_pool(nbytes: int, *, hugepages: bool = False) -> HostPool:
-    """Preallocate a pool of ``nbytes`` (pinned when CUDA is available; hugepages when asked and possible)."""
+_MADV_POPULATE_WRITE = 23  # Linux >= 5.14
+_PREFAULT_STEP = 64 << 20
+
+
+def _prefault(buf: torch.Tensor) -> None:
+    """Fault the pool's pages in without touching their contents (``madvise(MADV_POPULATE_WRITE)``), in steps,
+    so that data-path copies never pay first-touch page faults (~2 GB/s here, against ~13 GB/s into resident
+    pages). Safe while the pool is in use: it changes no byte. Kernels without it: a no-op."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        madvise = libc.madvise
+    except (OSError, AttributeError):
+        return
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    page = mmap.PAGESIZE
+    start = -(-buf.data_ptr() // page) * page
+    end = (buf.data_ptr() + buf.numel()) // page * page
+    for addr in range(start, end, _PREFAULT_STEP):
+        if madvise(addr, min(_PREFAULT_STEP, end - addr), _MADV_POPULATE_WRITE) != 0:
+            log.debug("pool prefault stopped: errno %d", ctypes.get_errno())
+            return
+
+
+def create_pool(nbytes: int, *, hugepages: bool = False, prefault: bool = False) -> HostPool:
+    """Preallocate a pool of ``nbytes`` (pinned when CUDA is available; hugepages when asked and possible).
+
+    ``prefault`` makes the pages resident in a background thread (the pool is usable at once).
+    """
     nbytes = max(ALIGN, -(-nbytes // ALIGN) * ALIGN)
     pin = torch.cuda.is_available()
     buf, mapping, huge = _alloc_buffer(nbytes, pin=pin, hugepages=hugepages)
+    if prefault and not pin:  # pinned memory is resident already
+        # The thread holds ``buf``, so the memory outlives it even if the pool goes first.
+        threading.Thread(target=_prefault, args=(buf,), name="kvpipe-pool-prefault", daemon=True).start()
     return HostPool(capacity=nbytes, buffer=buf, pinned=pin, hugepages=huge, mapping=mapping)
