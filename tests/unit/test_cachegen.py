@@ -74,12 +74,17 @@ def test_more_bins_less_error() -> None:
     assert n_fine > n_coarse
 
 
-def test_early_layers_get_more_bins() -> None:
-    bins = default_bins(32, 2)
-    assert bins[0].tolist() == [32, 32] and bins[-1].tolist() == [16, 16]
-    assert (bins[:10, 0] == 32).all() and (bins[10:, 0] == 16).all()
-    assert (bins[:2, 1] == 32).all() and (bins[2:, 1] == 16).all()
-    assert default_bins(30, 1).shape == (30, 1)
+def test_sensitive_layers_get_more_bins() -> None:
+    bins = default_bins(30, 2)
+    assert bins.min() == 16 and bins.max() <= 254 and (bins % 2 == 0).all()
+    # The measured profile: K most sensitive in layers 17-24, V in layers 3-8 (SmolLM2, 30 layers).
+    assert bins[23, 0] == bins[:, 0].max() and bins[4, 1] == bins[:, 1].max()
+    assert bins[0].tolist() == [16, 16] and bins[-1].tolist() == [16, 16]
+    # Other depths sample the profile at the same relative depth.
+    deep = default_bins(60, 2)
+    assert deep.shape == (60, 2) and (deep[::2] == bins).all()
+    assert default_bins(30, 1).shape == (30, 1) and (default_bins(30, 1)[:, 0] == bins[:, 0]).all()
+    assert default_bins(1, 2).shape == (1, 2)
     half = CacheGenSerde(key_bins=[64, 32, 16], value_bins=8).half_widths(5, 2)
     assert half[:, 0].tolist() == [32, 16, 8, 8, 8] and half[:, 1].tolist() == [4] * 5
 
@@ -185,7 +190,7 @@ def test_factory_reads_config_keys() -> None:
 
     s = create_cachegen_serde(Cfg())
     assert (s.key_bins, s.value_bins, s.anchor_group, s.table_group) == ([64, 32], 16, 8, 4)
-    assert create_cachegen_serde(object()).anchor_group == 16
+    assert create_cachegen_serde(object()).anchor_group == 64
 
 
 @pytest.mark.parametrize("kw", [{"key_bins": 1}, {"value_bins": [16, 300]}, {"anchor_group": 0},

@@ -18,8 +18,8 @@ group is its *anchor*:
   this keeps outlier tokens such as the attention sink near-exact. Measured on SmolLM2: without this, mean KL
   to full prefill rose 5x at the same size.
 
-``h`` comes from the per-layer bin counts: more bins in the first layers, which the paper (and LMCache's
-CacheGen configs) found to be the most sensitive.
+``h`` comes from the per-layer bin counts: more bins in the layers measured most sensitive (see
+:func:`default_bins`), not simply the first ones as the paper's (and LMCache's) configs have it.
 """
 
 from __future__ import annotations
@@ -30,23 +30,34 @@ import torch
 
 __all__ = ["Quantized", "default_bins", "dequantize_into", "quantize"]
 
-# LMCache's CacheGen configs for 32-layer 7B/8B models: keys 32 bins in layers [0, 10), 16 after; values 32
-# bins in layers [0, 2), 16 after. Other depths scale these boundaries.
-_DEFAULT_HIGH = 32
-_DEFAULT_LOW = 16
-_KEY_HIGH_FRACTION = 10 / 32
-_VALUE_HIGH_FRACTION = 2 / 32
+# Default bins per layer, measured on SmolLM2-135M (30 layers) real KV: each layer's K (then V) alone was cut
+# to 16 bins with every other plane at 254, and the rise of mean next-token KL vs a full prefill was recorded;
+# bins were then set proportional to sqrt(rise) (the allocation that minimises the summed KL at a fixed
+# log2(bins) budget), 16 at least. Sensitivity is far from "early layers first": K peaks in layers 17-24 and
+# 7-8, V in layers 3-8. LMCache's schedule (K 32 bins in the first 10/32 layers, V in the first 2/32, 16 after)
+# gave 3.51x at 95.3% top-1 / KL 0.0054 here; this one gives ~3.5x at ~98-99% / KL ~0.0007-0.0014 (bench
+# quality section, two texts). Other depths sample the profile at the same relative depth.
+_PROFILE_KEY = (16, 16, 18, 16, 16, 16, 16, 42, 38, 26, 24, 16, 16, 16, 26, 22, 16, 44, 60, 16, 66, 38, 26, 72, 40,
+                16, 18, 16, 22, 16)
+_PROFILE_VALUE = (16, 16, 16, 58, 64, 40, 46, 56, 48, 26, 20, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 26,
+                  20, 16, 16, 16, 16, 16)
 # Keeps pathological fp32 inputs (inf, 1e38) from overflowing the fp32 delta arithmetic.
 _CLAMP = 1e30
 
 
+def _resample(profile: tuple[int, ...], layers: int) -> np.ndarray:
+    src = np.asarray(profile, np.int64)
+    # Layer i of an n-layer model takes the profile's layer at the same relative depth (centre of the layer).
+    idx = np.minimum(((np.arange(layers) + 0.5) * len(src) / layers).astype(np.int64), len(src) - 1)
+    return src[idx]
+
+
 def default_bins(layers: int, planes: int) -> np.ndarray:
     """Bin counts ``[layers, planes]`` (planes: K then V; MLA's single plane uses the key schedule)."""
-    bins = np.full((layers, planes), _DEFAULT_LOW, np.int64)
-    bins[: max(1, round(layers * _KEY_HIGH_FRACTION)), 0] = _DEFAULT_HIGH
+    cols = [_resample(_PROFILE_KEY, layers)]
     if planes == 2:
-        bins[: max(1, round(layers * _VALUE_HIGH_FRACTION)), 1] = _DEFAULT_HIGH
-    return bins
+        cols.append(_resample(_PROFILE_VALUE, layers))
+    return np.stack(cols, axis=1)
 
 
 @attrs.frozen
