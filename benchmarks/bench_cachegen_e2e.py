@@ -45,23 +45,12 @@ from kvpipe.integrations.context import build_prompt_ids  # noqa: E402
 from kvpipe.integrations.model import load_model  # noqa: E402
 from kvpipe.integrations.transformers import CachedLM, GenerationResult, SamplingParams, cache_config_for  # noqa: E402
 from kvpipe.lm.protocol import FRAME_SIZE, Frame, Op, Status  # noqa: E402
+from timing import loadavg, summary_s  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 ONE = SamplingParams(max_new_tokens=1)
 SIXTEEN = SamplingParams(max_new_tokens=16, stop_token_ids=())  # greedy; never stop early, compare all 16
 SERDES = ("naive", "cachegen")
-
-
-def _summary(xs: list[float]) -> dict[str, Any]:
-    return {"median_s": statistics.median(xs), "p99_s": float(np.percentile(xs, 99)), "min_s": min(xs),
-            "runs_s": [round(x, 4) for x in xs]}
-
-
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 def server_stats(port: int) -> dict[str, int]:
@@ -141,7 +130,7 @@ def bench_serde(model: Any, tok: Any, cfg: Config, port: int, ids: list[int], re
         "kv_dtype": cfg.kv_dtype,
         "cold": {"ttft_s": cold.ttft_s, "total_s_16_tokens": cold.total_s, "stored_tokens": cold.stored_tokens,
                  "flush_s": flush_s},
-        "warm_remote": {**_summary(warm), "hits_by_tier": hits, "hit_tokens": hit_tokens},
+        "warm_remote": {**summary_s(warm), "hits_by_tier": hits, "hit_tokens": hit_tokens},
         "bytes": {
             "server_put": _delta(s1, s0, "put_bytes", "puts")["put_bytes"],
             "server_get_one_warm_request": _delta(s2, s1, "get_bytes")["get_bytes"],
@@ -185,7 +174,7 @@ def bench_size(model: Any, tok: Any, base: Config, port: int, n: int, repeats: i
         cfg = base.replace(remote_serde=serde, model_name=f"{base.model_name}-{serde}-{n}")
         out["serdes"][serde] = bench_serde(model, tok, cfg, port, ids, repeats, plain_runs, plain_max,
                                           ref.token_ids)
-    out["plain_full_prefill"] = _summary(plain_runs)
+    out["plain_full_prefill"] = summary_s(plain_runs)
     base_med = statistics.median(plain_runs)
     for r in out["serdes"].values():
         r["speedup_vs_plain_prefill"] = base_med / r["warm_remote"]["median_s"]
@@ -237,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         base = cache_config_for(model, Config(remote_url=server.url, **kw))
         CachedLM(model, tok, None).generate(build_prompt_ids(tok, 256), ONE)  # warm-up: one-time costs
-        load_before = _loadavg()
+        load_before = loadavg()
         t0 = time.perf_counter()
         results = []
         for n in sizes:
@@ -251,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{cg['bytes']['server_put'] / 1e6:.1f} MB ({r['cachegen_vs_naive']['bytes_ratio_server_put']:.2f}x)"
                   f" | 16-token agreement naive {nv['agreement']['warm_equals_cold_16']}, "
                   f"cachegen {cg['agreement']['warm_equals_cold_16']}", flush=True)
-        load_after = _loadavg()
+        load_after = loadavg()
     finally:
         server.stop()
         shutil.rmtree(workdir, ignore_errors=True)

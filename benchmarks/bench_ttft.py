@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 import kvpipe
@@ -33,21 +32,10 @@ from kvpipe.config import Config
 from kvpipe.integrations.context import build_prompt_ids
 from kvpipe.integrations.model import load_model
 from kvpipe.integrations.transformers import CachedLM, GenerationResult, SamplingParams, cache_config_for
+from timing import loadavg, summary_s
 
 RESULTS = Path(__file__).parent / "results"
 ONE = SamplingParams(max_new_tokens=1)
-
-
-def _summary(xs: list[float]) -> dict[str, Any]:
-    return {"median_s": statistics.median(xs), "p99_s": float(np.percentile(xs, 99)), "min_s": min(xs),
-            "runs_s": [round(x, 4) for x in xs]}
-
-
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 def _ask(lm: CachedLM, ids: list[int]) -> GenerationResult:
@@ -89,11 +77,11 @@ def bench_size(model: Any, tok: Any, base_cfg: Config, disk: Path, n: int, cold_
     cold_med, base_med = statistics.median(cold), statistics.median(baseline)
     return {
         "prompt_tokens": n,
-        "cold_kvpipe": _summary(cold),
-        "cold_store_after_first_token": _summary(cold_store),
-        "plain_transformers": _summary(baseline),
-        "warm_cpu": {**_summary(warm_cpu), "hits_by_tier": hits_cpu},
-        "warm_disk": {**_summary(warm_disk), "hits_by_tier": hits_disk},
+        "cold_kvpipe": summary_s(cold),
+        "cold_store_after_first_token": summary_s(cold_store),
+        "plain_transformers": summary_s(baseline),
+        "warm_cpu": {**summary_s(warm_cpu), "hits_by_tier": hits_cpu},
+        "warm_disk": {**summary_s(warm_disk), "hits_by_tier": hits_disk},
         "speedup_cpu": cold_med / statistics.median(warm_cpu),
         "speedup_disk": cold_med / statistics.median(warm_disk),
         "miss_overhead_pct": 100.0 * (cold_med - base_med) / base_med,
@@ -157,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                                              model_name="bench-ttft"))
         # Warm-up: first forward passes pay one-time costs (allocator, kernels).
         CachedLM(model, tok, None).generate(build_prompt_ids(tok, 256), ONE)
-        load_before = _loadavg()
+        load_before = loadavg()
         t0 = time.perf_counter()
         results = []
         for n in sizes:
@@ -167,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"plain {r['plain_transformers']['median_s']:.3f} s (miss overhead {r['miss_overhead_pct']:+.1f}%), "
                   f"warm cpu {r['warm_cpu']['median_s']:.3f} s ({r['speedup_cpu']:.1f}x), "
                   f"warm disk {r['warm_disk']['median_s']:.3f} s ({r['speedup_disk']:.1f}x)", flush=True)
-        load_after = _loadavg()
+        load_after = loadavg()
     finally:
         shutil.rmtree(disk, ignore_errors=True)
     busy = bool(load_before and load_after and max(load_before[0], load_after[0]) > (os.cpu_count() or 1) * 0.75)
