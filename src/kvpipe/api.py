@@ -145,6 +145,7 @@ class KVCache:
         with anyio.CancelScope(shield=True):
             for tier in reversed(self._all_tiers()):
                 await tier.aclose()
+        self.pool.close()
 
     def _all_tiers(self) -> list[Tier]:
         return ([self.cpu] if self.cpu is not None else []) + list(self.lower)  # type: ignore[list-item]
@@ -405,27 +406,30 @@ async def _build(config: Config) -> KVCache:
     regs = registries()
     prefix = KeyPrefix(config.key_format, config.model_name, config.world_size, config.worker_id,
                        dtype_name(dtype_from_name(config.kv_dtype)))
+    # Every name is resolved before any resource exists, so a bad config leaves nothing behind.
+    policy_factory = regs.eviction.get(config.cache_policy)
+    disk_serde = regs.serdes.get(config.local_disk_serde)(config) if config.local_disk_path is not None else None
+    remote_serde = regs.serdes.get(config.remote_serde)(config) if config.remote_url is not None else None
+    wanted = {regs.stages.get(name).name.lower() for name in config.extra_stages}
+    extra_store: list[Stage] = []
+    extra_retrieve: list[Stage] = []
+    for spec in regs.stages.factories.values():
+        if spec.always or spec.name.lower() in wanted:
+            (extra_store if spec.pipeline == "store" else extra_retrieve).append(spec.factory(config))
     pool = create_pool(config.max_local_cpu_bytes, hugepages=config.local_cpu_use_hugepages,
                        prefault=config.local_cpu_prefault)
-    cpu = CpuTier(pool, regs.eviction.get(config.cache_policy)()) if config.local_cpu else None
+    cpu = CpuTier(pool, policy_factory()) if config.local_cpu else None
     lower: list[Tier] = []
     try:
-        if config.local_disk_path is not None:
-            ctx = TierContext(config, pool, regs.serdes.get(config.local_disk_serde)(config))
+        if disk_serde is not None:
+            ctx = TierContext(config, pool, disk_serde)
             lower.append(await regs.tiers.get("file")(str(config.local_disk_path), ctx))
-        if config.remote_url is not None:
-            ctx = TierContext(config, pool, regs.serdes.get(config.remote_serde)(config))
-            lower.append(await _open_remote(config.remote_url, ctx))
-        extra_store: list[Stage] = []
-        extra_retrieve: list[Stage] = []
-        for name in config.extra_stages:
-            regs.stages.get(name)
-        for spec in regs.stages.factories.values():
-            if spec.always or spec.name.lower() in {n.lower() for n in config.extra_stages}:
-                (extra_store if spec.pipeline == "store" else extra_retrieve).append(spec.factory(config))
+        if config.remote_url is not None and remote_serde is not None:
+            lower.append(await _open_remote(config.remote_url, TierContext(config, pool, remote_serde)))
     except BaseException:
         for t in lower:
             await t.aclose()
+        pool.close()
         raise
     return KVCache(config, prefix, pool, cpu, lower, extra_store=extra_store, extra_retrieve=extra_retrieve)
 

@@ -123,6 +123,8 @@ class HostPool:
     _evictions: int = 0
     _lock: threading.Lock = attrs.field(factory=threading.Lock)
     evictor: Callable[[int], bool] | None = None
+    _stop: threading.Event = attrs.field(factory=threading.Event)
+    _prefaulter: threading.Thread | None = None
 
     def __attrs_post_init__(self) -> None:
         self._free_offsets = [0]
@@ -189,6 +191,14 @@ class HostPool:
         """Bytes allocated now (aligned)."""
         return self._used
 
+    def close(self) -> None:
+        """Stop background prefaulting and wait for it (at most one 64 MiB step); idempotent. Regions still
+        referenced stay valid: the buffer lives as long as they do."""
+        self._stop.set()
+        if self._prefaulter is not None:
+            self._prefaulter.join()
+            self._prefaulter = None
+
     def statistics(self) -> PoolStats:
         """A snapshot of capacity, use and failures."""
         return PoolStats(self.capacity, self._used, self._objects, self._alloc_failures, self._evictions,
@@ -199,7 +209,7 @@ _MADV_POPULATE_WRITE = 23  # Linux >= 5.14
 _PREFAULT_STEP = 64 << 20
 
 
-def _prefault(buf: torch.Tensor) -> None:
+def _prefault(buf: torch.Tensor, stop: threading.Event) -> None:
     """Fault the pool's pages in without touching their contents (``madvise(MADV_POPULATE_WRITE)``), in steps,
     so that data-path copies never pay first-touch page faults (~2 GB/s here, against ~13 GB/s into resident
     pages). Safe while the pool is in use: it changes no byte. Kernels without it: a no-op."""
@@ -213,6 +223,8 @@ def _prefault(buf: torch.Tensor) -> None:
     start = -(-buf.data_ptr() // page) * page
     end = (buf.data_ptr() + buf.numel()) // page * page
     for addr in range(start, end, _PREFAULT_STEP):
+        if stop.is_set():
+            return
         if madvise(addr, min(_PREFAULT_STEP, end - addr), _MADV_POPULATE_WRITE) != 0:
             log.debug("pool prefault stopped: errno %d", ctypes.get_errno())
             return
@@ -226,7 +238,10 @@ def create_pool(nbytes: int, *, hugepages: bool = False, prefault: bool = False)
     nbytes = max(ALIGN, -(-nbytes // ALIGN) * ALIGN)
     pin = torch.cuda.is_available()
     buf, mapping, huge = _alloc_buffer(nbytes, pin=pin, hugepages=hugepages)
+    pool = HostPool(capacity=nbytes, buffer=buf, pinned=pin, hugepages=huge, mapping=mapping)
     if prefault and not pin:  # pinned memory is resident already
-        # The thread holds ``buf``, so the memory outlives it even if the pool goes first.
-        threading.Thread(target=_prefault, args=(buf,), name="kvpipe-pool-prefault", daemon=True).start()
-    return HostPool(capacity=nbytes, buffer=buf, pinned=pin, hugepages=huge, mapping=mapping)
+        # The thread holds ``buf``, so the memory outlives it even if the pool goes first; close() stops it.
+        pool._prefaulter = threading.Thread(target=_prefault, args=(buf, pool._stop), name="kvpipe-pool-prefault",
+                                            daemon=True)
+        pool._prefaulter.start()
+    return pool
