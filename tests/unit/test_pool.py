@@ -227,3 +227,16 @@ def test_prefault_makes_pages_resident_and_keeps_contents() -> None:
             t.join()
     assert rss_kb() - before > 200 * 1024  # ~256 MiB became resident
     assert torch.equal(obj.tensor, torch.arange(1024, dtype=torch.float32))
+
+
+def test_byte_view_and_lazy_tensor_are_the_same_memory() -> None:
+    """The byte view of a fresh region is made without torch and is the memory its tensor views later."""
+    pool = create_pool(64 * KIB)
+    obj = pool.allocate((1, 2, 8, 1, 4), torch.float16, 8)
+    assert obj is not None
+    src = torch.arange(64, dtype=torch.float16).view(1, 2, 8, 1, 4)
+    obj.byte_view[:] = memoryview(src.view(-1).view(torch.uint8).numpy())  # written before any tensor exists
+    assert torch.equal(obj.tensor, src)
+    obj.tensor.mul_(2)
+    assert bytes(obj.byte_view) == bytes(memoryview((src * 2).view(-1).view(torch.uint8).numpy()))
+    obj.release()

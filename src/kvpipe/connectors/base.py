@@ -11,7 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
-__all__ = ["Connector", "ReadInto"]
+__all__ = ["Connector", "GetResult", "ReadInto"]
+
+# ``(header, payload)`` or ``(header, payload, xxh3_64 of the payload computed while receiving it)``.
+GetResult = tuple[bytes, memoryview] | tuple[bytes, memoryview, int]
 
 
 
@@ -34,12 +37,13 @@ class Connector(Protocol):
         """Whether a complete entry (header and payload) is stored under each key."""
         ...
 
-    async def get_many(self, keys: Sequence[str], read_into: ReadInto) -> list[tuple[bytes, memoryview] | None]:
+    async def get_many(self, keys: Sequence[str], read_into: ReadInto) -> list[GetResult | None]:
         """For each key, ``(header_bytes, payload_view)`` or ``None`` for a miss.
 
         The payload lands in the buffer ``read_into(header_bytes)`` returned (``payload_view`` is that buffer,
         possibly shorter when the stored payload is truncated); when ``read_into`` returns ``None`` the entry is a
-        miss.
+        miss. A connector that hashed the payload while receiving it (``kvpipe.serde.entry.payload_digest``)
+        returns ``(header_bytes, payload_view, checksum)`` and the tier does not hash it again.
         """
         ...
 

@@ -17,7 +17,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import attrs
 
-from kvpipe.connectors.base import ReadInto
+from kvpipe.connectors.base import GetResult, ReadInto
 from kvpipe.connectors.sockio import ConnectionPool, SocketIO, connect_tcp
 from kvpipe.errors import ConfigError, ProtocolError, TierError, TierUnavailable
 from kvpipe.lm.protocol import (
@@ -29,7 +29,7 @@ from kvpipe.lm.protocol import (
     encode_keys,
     parse_metrics,
 )
-from kvpipe.serde.entry import HEADER_SIZE
+from kvpipe.serde.entry import HEADER_SIZE, payload_digest
 
 __all__ = ["LmConnector"]
 
@@ -129,7 +129,7 @@ class LmConnector:
             raise TierError(f"{self._safe_url}: EXISTS_BATCH failed ({f.status.name})")
         return [b == 1 for b in body]
 
-    async def get_many(self, keys: Sequence[str], read_into: ReadInto) -> list[tuple[bytes, memoryview] | None]:
+    async def get_many(self, keys: Sequence[str], read_into: ReadInto) -> list[GetResult | None]:
         """Pipelined ``GET``s; each payload lands in the buffer ``read_into(header)`` returns.
 
         An entry whose header ``read_into`` refuses comes back as ``(header, empty view)`` so the tier can tell a
@@ -137,7 +137,7 @@ class LmConnector:
         """
         if not keys:
             return []
-        out: list[tuple[bytes, memoryview] | None] = []
+        out: list[GetResult | None] = []
         async with self._conn() as io:
             bufs: list[bytes] = []
             ids = []
@@ -167,8 +167,9 @@ class LmConnector:
                     out.append((hb, _EMPTY))
                     continue
                 view = buf[:rest]
-                await io.read_into(view)
-                out.append((hb, view))
+                digest = payload_digest()
+                await io.read_into(view, digest)
+                out.append((hb, view, digest.intdigest()))
         return out
 
     async def put_many(self, items: Sequence[tuple[str, bytes, memoryview]]) -> int:

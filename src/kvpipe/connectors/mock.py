@@ -16,7 +16,7 @@ from urllib.parse import parse_qs, urlsplit
 import anyio
 import attrs
 
-from kvpipe.connectors.base import ReadInto
+from kvpipe.connectors.base import GetResult, ReadInto
 from kvpipe.errors import ConfigError, TierUnavailable
 
 __all__ = ["MockConnector", "MockStore", "mock_store"]
@@ -94,11 +94,11 @@ class MockConnector:
         await self._wire(0)
         return [k in self.store.entries for k in keys]
 
-    async def get_many(self, keys: Sequence[str], read_into: ReadInto) -> list[tuple[bytes, memoryview] | None]:
+    async def get_many(self, keys: Sequence[str], read_into: ReadInto) -> list[GetResult | None]:
         """Entries copied into ``read_into``'s buffers."""
         found = [self.store.entries.get(k) for k in keys]
         await self._wire(sum(len(e[1]) for e in found if e is not None))
-        out: list[tuple[bytes, memoryview] | None] = []
+        out: list[GetResult | None] = []
         for k, e in zip(keys, found, strict=True):
             if e is None:
                 out.append(None)

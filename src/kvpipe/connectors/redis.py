@@ -31,10 +31,11 @@ import anyio
 import attrs
 from redis.crc import key_slot
 
-from kvpipe.connectors.base import ReadInto
+from kvpipe.connectors.base import GetResult, ReadInto
 from kvpipe.connectors.resp import RespError, encode_command, read_bulk_into, read_reply
 from kvpipe.connectors.sockio import Buffer, ConnectionPool, SocketIO, connect_tcp, connect_unix
 from kvpipe.errors import ConfigError, ProtocolError, TierError, TierUnavailable
+from kvpipe.serde.entry import payload_digest
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -386,7 +387,7 @@ class RedisConnector:
         r = await self._run_routed([(k, encode_command("EXISTS", k + META_SUFFIX, k + KV_SUFFIX)) for k in keys])
         return [x == 2 for x in r]
 
-    async def get_many(self, keys: Sequence[str], read_into: ReadInto) -> list[tuple[bytes, memoryview] | None]:
+    async def get_many(self, keys: Sequence[str], read_into: ReadInto) -> list[GetResult | None]:
         """Each entry's header and payload, the payload received into ``read_into(header)``'s buffer.
 
         An entry whose header ``read_into`` refuses comes back as ``(header, empty view)``, so the tier can tell a
@@ -394,7 +395,7 @@ class RedisConnector:
         """
         if not keys:
             return []
-        out: list[tuple[bytes, memoryview] | None] = [None] * len(keys)
+        out: list[GetResult | None] = [None] * len(keys)
         orphans: list[str] = []
         if self.mode == "cluster":
             # The parts may live on different nodes: headers first, then payloads of the entries that have one.
@@ -419,7 +420,7 @@ class RedisConnector:
         return out
 
     async def _get_pipelined(self, keys: Sequence[str], read_into: ReadInto,
-                             out: list[tuple[bytes, memoryview] | None], orphans: list[str]) -> None:
+                             out: list[GetResult | None], orphans: list[str]) -> None:
         node = await self._route(keys[0])
         bufs: list[Buffer] = []
         for k in keys:
@@ -433,17 +434,18 @@ class RedisConnector:
                 def target(_n: int, meta: Any = meta, k: str = k) -> memoryview | None:
                     return read_into(meta, k) if isinstance(meta, bytes) else None
 
-                res = _check(await read_bulk_into(io, target), f"GET {k}{KV_SUFFIX}")
+                digest = payload_digest()
+                res = _check(await read_bulk_into(io, target, digest), f"GET {k}{KV_SUFFIX}")
                 n, view = res
                 if meta is None and n < 0:
                     continue
                 if meta is None or n < 0:
                     orphans.append(k)
                     continue
-                out[i] = (meta, view if view is not None else _EMPTY)
+                out[i] = (meta, view, digest.intdigest()) if view is not None else (meta, _EMPTY)
 
     async def _get_payloads(self, keys: Sequence[str], todo: list[int], metas: list[Any], read_into: ReadInto,
-                            out: list[tuple[bytes, memoryview] | None]) -> list[int]:
+                            out: list[GetResult | None]) -> list[int]:
         """Read the payloads of entries ``todo`` (whose headers are ``metas``); returns those with no payload."""
         no_payload: list[int] = []
         groups: dict[_Node, list[int]] = defaultdict(list)
@@ -463,7 +465,8 @@ class RedisConnector:
                         def target(_n: int, meta: bytes = meta, k: str = keys[i]) -> memoryview | None:
                             return read_into(meta, k)
 
-                        res = await read_bulk_into(io, target)
+                        digest = payload_digest()
+                        res = await read_bulk_into(io, target, digest)
                         if isinstance(res, RespError):
                             if res.kind in ("MOVED", "ASK"):
                                 self._slots = None
@@ -471,7 +474,7 @@ class RedisConnector:
                             _check(res, f"GET {keys[i]}{KV_SUFFIX}")
                         n, view = res  # type: ignore[misc]
                         if n >= 0:
-                            out[i] = (meta, view if view is not None else _EMPTY)
+                            out[i] = (meta, view, digest.intdigest()) if view is not None else (meta, _EMPTY)
                         else:
                             no_payload.append(i)
             return run

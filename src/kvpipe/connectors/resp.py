@@ -13,7 +13,7 @@ from typing import Any
 
 import attrs
 
-from kvpipe.connectors.sockio import Buffer, SocketIO
+from kvpipe.connectors.sockio import Buffer, Digest, SocketIO
 from kvpipe.errors import ProtocolError
 
 __all__ = ["BulkTarget", "RespError", "encode_command", "read_bulk_into", "read_reply"]
@@ -95,11 +95,13 @@ async def read_reply(io: SocketIO) -> Any:
     raise ProtocolError(f"unexpected RESP type {t!r}")
 
 
-async def read_bulk_into(io: SocketIO, target: BulkTarget) -> tuple[int, memoryview | None] | RespError:
+async def read_bulk_into(io: SocketIO, target: BulkTarget, digest: Digest | None = None
+                         ) -> tuple[int, memoryview | None] | RespError:
     """Read one bulk reply into ``target(length)``'s buffer.
 
     Returns ``(length, view)``: ``length`` -1 for a nil reply; ``view`` the filled part of the buffer, or ``None``
-    when the target refused it or was too small (the bytes were then discarded).
+    when the target refused it or was too small (the bytes were then discarded). ``digest`` is updated with the
+    payload as it arrives (see :meth:`SocketIO.read_into`).
 
     :raises ProtocolError: on a reply that is not a bulk string or an error.
     """
@@ -120,7 +122,7 @@ async def read_bulk_into(io: SocketIO, target: BulkTarget) -> tuple[int, memoryv
         await io.skip(n + 2)
         return n, None
     view = buf[:n]
-    await io.read_into(view)
+    await io.read_into(view, digest)
     if await io.read_exactly(2) != b"\r\n":
         raise ProtocolError("bulk reply not terminated by CRLF")
     return n, view

@@ -20,7 +20,7 @@ import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import attrs
@@ -41,6 +41,12 @@ _WANT_READ = (BlockingIOError, InterruptedError, ssl.SSLWantReadError)
 _WANT_WRITE = (ssl.SSLWantWriteError,)
 
 Buffer = bytes | bytearray | memoryview
+
+
+class Digest(Protocol):
+    """A streaming hasher (``xxhash.xxh3_64()``)."""
+
+    def update(self, data: Buffer, /) -> None: ...
 
 
 class PeerClosed(ConnectionResetError):
@@ -146,8 +152,12 @@ class SocketIO:
         await self.read_into(memoryview(out_buf))
         return bytes(out_buf)
 
-    async def read_into(self, dst: memoryview) -> None:
-        """Fill ``dst`` completely: first from what is buffered, then with ``recv_into`` straight into ``dst``."""
+    async def read_into(self, dst: memoryview, digest: Digest | None = None) -> None:
+        """Fill ``dst`` completely: first from what is buffered, then with ``recv_into`` straight into ``dst``.
+
+        ``digest`` (an ``xxhash`` hasher) is updated with each part as it lands, while the rest is still in
+        flight, so checking a payload costs almost nothing after the last byte (vs ~0.14 ms per 4 MiB after).
+        """
         dst = dst.cast("B") if dst.format != "B" or dst.ndim != 1 else dst
         n = len(dst)
         have = min(n, self.buffered)
@@ -163,7 +173,16 @@ class SocketIO:
                 self._start += take
                 pos += take
             else:
-                pos += await self._recv_into(dst[pos:], n - pos)
+                got = await self._recv_into(dst[pos:], n - pos)
+                if digest is not None:
+                    digest.update(dst[pos - have : pos + got])
+                    have = 0
+                pos += got
+                continue
+            if digest is not None:  # hashed with the next big part, or at the end
+                have += take
+        if digest is not None and have:
+            digest.update(dst[n - have : n])
 
     async def skip(self, n: int) -> None:
         """Consume and discard ``n`` bytes."""

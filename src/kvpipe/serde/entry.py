@@ -39,6 +39,7 @@ __all__ = [
     "dtype_name",
     "key_fingerprint",
     "payload_checksum",
+    "payload_digest",
 ]
 
 MAGIC = b"KVPE"
@@ -87,6 +88,12 @@ def payload_checksum(payload: object) -> int:
     return xxhash.xxh3_64_intdigest(payload)  # type: ignore[arg-type]
 
 
+def payload_digest() -> xxhash.xxh3_64:
+    """A streaming hasher whose ``intdigest()`` equals :func:`payload_checksum` of everything fed to it: connectors
+    hash a payload while it is received and hand the result to the tier."""
+    return xxhash.xxh3_64()
+
+
 def key_fingerprint(key: ChunkKey | str) -> int:
     """xxh3_64 of the key's string form."""
     return xxhash.xxh3_64_intdigest(str(key).encode())
@@ -120,7 +127,7 @@ class EntryHeader:
         n = 1
         for d in self.shape:
             n *= d
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return n * self.dtype.itemsize
 
     def to_bytes(self) -> bytes:
         """The 80-byte wire/disk form."""
@@ -167,9 +174,11 @@ class EntryHeader:
         if self.key_fp != key_fingerprint(key):
             raise CorruptEntry(f"entry belongs to another key than {key}")
 
-    def check_payload(self, payload: object, length: int) -> None:
-        """:raises CorruptEntry: when the payload is truncated, too long, or fails its checksum."""
+    def check_payload(self, payload: object, length: int, checksum: int | None = None) -> None:
+        """``checksum``: the payload's checksum when the caller computed it already (while receiving it).
+
+        :raises CorruptEntry: when the payload is truncated, too long, or fails its checksum."""
         if length != self.payload_len:
             raise CorruptEntry(f"entry payload is {length} bytes, header says {self.payload_len}")
-        if payload_checksum(payload) != self.checksum:
+        if (payload_checksum(payload) if checksum is None else checksum) != self.checksum:
             raise CorruptEntry("entry payload checksum mismatch")

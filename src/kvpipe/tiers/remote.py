@@ -34,7 +34,7 @@ import anyio
 import attrs
 import sniffio
 
-from kvpipe.connectors.base import Connector
+from kvpipe.connectors.base import Connector, GetResult
 from kvpipe.errors import CapacityError, CorruptEntry, ProtocolError, TierError, TierUnavailable
 from kvpipe.keys import ChunkKey
 from kvpipe.memory.pool import MemoryObj
@@ -269,10 +269,11 @@ class RemoteTier:
         self._c["misses"] += len(out) - hits
         return out
 
-    async def _decode(self, i: int, key: str, r: tuple[bytes, memoryview], headers: dict[int, EntryHeader],
+    async def _decode(self, i: int, key: str, r: GetResult, headers: dict[int, EntryHeader],
                       allocated: dict[int, MemoryObj], no_memory: set[int]) -> MemoryObj | object | None:
         """One connector answer → a decoded chunk, ``None`` (plain miss) or ``_CORRUPT``."""
-        hb, view = r
+        hb, view = r[0], r[1]
+        checksum = r[2] if len(r) > 2 else None  # type: ignore[misc]
         serde = self.ctx.serde
         try:
             h = headers.get(i) or EntryHeader.from_bytes(hb)
@@ -285,7 +286,7 @@ class RemoteTier:
             if i in no_memory:
                 self._c["no_memory"] += 1
                 return None
-            h.check_payload(view, len(view))
+            h.check_payload(view, len(view), checksum)
             self._c["bytes_read"] += len(view)
             if serde.raw:
                 obj = allocated.pop(i, None)
