@@ -37,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port {args.port}: expected 1..65535")
     import contextlib
+    import gc
 
     import uvicorn
 
@@ -61,5 +62,9 @@ def run(args: argparse.Namespace) -> int:
         log.info("kvpipe serve: model %s, cache tiers: %s; http://%s:%d/v1", model_id, tiers, args.host, args.port)
         server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                                                access_log=False, log_config=None))
+        # As vLLM does after start-up: the model's and libraries' ~200k long-lived objects leave the collector's
+        # reach, so full collections triggered by per-request allocations stop walking them.
+        gc.collect()
+        gc.freeze()
         server.run()
     return 0
