@@ -122,6 +122,10 @@ class KVCache:
         await self._tg.__aenter__()
         for wb in self._behind:
             self._tg.start_soon(wb.run, name=f"kvpipe-write-behind-{wb.guard.tier.name}")
+        for tier in self._all_tiers():  # tiers with background work (reconnects) run it in the cache's group
+            bind = getattr(tier, "bind_task_group", None)
+            if callable(bind):
+                bind(self._tg)
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

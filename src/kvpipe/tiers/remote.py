@@ -14,12 +14,13 @@ What this layer adds over a connector:
   dropped and counted. A background task pings the remote with exponential backoff (50 ms doubling to 1 s) and
   marks the tier *up* again when a ping succeeds; nothing ever raises to the caller because of the remote.
 
-Background reconnect without a task group across a ``yield``: the tier is returned by a plain coroutine
-(:func:`open_remote_tier`) and closed by ``aclose()`` perhaps from another task, so it cannot own an anyio task
-group. On the asyncio backend (kvpipe's engine loop) it starts one detached reconnect task on the running loop
-when it goes down, keeps a strong reference to it, and cancels and awaits it in ``aclose()``. On other anyio
-backends (trio) there is no loop to attach to: the probe then runs inline in the first call made after the
-backoff delay, under a short deadline (``min(blocking_timeout_secs, 0.5)``), so a call waits at most that long.
+Background reconnect: inside a cache (``open_cache``), the cache hands its task group to the tier
+(:meth:`RemoteTier.bind_task_group`) and the reconnect loop runs there, on any anyio backend, and ends with the
+cache. A tier used on its own (tests, benchmarks) is returned by a plain coroutine (:func:`open_remote_tier`) and
+closed by ``aclose()`` perhaps from another task, so it cannot own a task group: on asyncio it starts one detached
+reconnect task on the running loop, keeps a strong reference to it, and cancels and awaits it in ``aclose()``; on
+other backends (trio) the probe runs inline in the first call made after the backoff delay, under a short deadline
+(``min(blocking_timeout_secs, 0.5)``), so a call waits at most that long.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import anyio
+import anyio.abc
 import attrs
 import sniffio
 
@@ -72,6 +74,8 @@ class RemoteTier:
     _up: bool = True
     _closed: bool = False
     _reconnect: asyncio.Task[None] | None = None
+    _tg: anyio.abc.TaskGroup | None = None
+    _reconnecting: bool = False
     _next_probe: float = 0.0
     _backoff: float = _FIRST_BACKOFF
     _last_warn: dict[str, float] = attrs.field(factory=dict)
@@ -119,8 +123,21 @@ class RemoteTier:
         scheme, _, rest = self.url.partition("://")
         return f"{scheme}://{rest.rpartition('@')[2].split('?')[0]}"
 
+    def bind_task_group(self, tg: anyio.abc.TaskGroup) -> None:
+        """Run background work (the reconnect loop) in ``tg`` from now on (the owning cache's task group); a
+        detached reconnect task started before (the remote was down at open) moves into the group."""
+        self._tg = tg
+        task, self._reconnect = self._reconnect, None
+        if task is not None and not task.done():
+            task.cancel()
+            self._start_reconnect()
+
     def _start_reconnect(self) -> None:
-        if self._closed or (self._reconnect is not None and not self._reconnect.done()):
+        if self._closed or self._reconnecting or (self._reconnect is not None and not self._reconnect.done()):
+            return
+        if self._tg is not None:
+            self._reconnecting = True
+            self._tg.start_soon(self._reconnect_loop, True, name=f"kvpipe-reconnect {self._safe_url}")
             return
         try:
             backend = sniffio.current_async_library()
@@ -139,18 +156,26 @@ class RemoteTier:
             return False
         return True
 
-    async def _reconnect_loop(self) -> None:
+    async def _reconnect_loop(self, in_group: bool = False) -> None:
         delay = _FIRST_BACKOFF
-        while not self._closed and not self._up:
-            await anyio.sleep(delay)
-            if await self._probe(self.timeout):
-                self._mark_up()
-                return
-            delay = min(delay * 2, _MAX_BACKOFF)
+        try:
+            while not self._closed and not self._up:
+                await anyio.sleep(delay)
+                if await self._probe(self.timeout):
+                    self._mark_up()
+                    return
+                delay = min(delay * 2, _MAX_BACKOFF)
+        except Exception as exc:  # never let a connector bug take the cache's task group down
+            log.warning("remote tier %s: reconnect loop failed: %r; retrying on the next failure", self._safe_url,
+                        exc)
+        finally:
+            if in_group:
+                self._reconnecting = False
 
     async def _maybe_probe_inline(self) -> None:
-        """The non-asyncio fallback: probe in the caller once the backoff delay has passed."""
-        if self._reconnect is not None or self._closed or time.monotonic() < self._next_probe:
+        """The fallback without a task group or asyncio loop: probe in the caller once the backoff has passed."""
+        if (self._reconnect is not None or self._reconnecting or self._closed
+                or time.monotonic() < self._next_probe):
             return
         if await self._probe(min(self.timeout, _INLINE_PROBE_MAX)):
             self._mark_up()
