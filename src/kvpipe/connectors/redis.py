@@ -14,6 +14,21 @@ cleaned up.
 Speed: values go through :mod:`kvpipe.connectors.resp` (no copy on send, ``recv_into`` pool memory on receive),
 batches are pipelined on one connection per node, and ``max_connections`` per node bounds concurrency (callers
 wait for a connection rather than failing).
+
+TLS (``rediss://``, ``valkeys://``, or ``?ssl=true`` on any scheme), with redis-py's option names:
+``ssl_ca_certs=PATH`` (CA bundle, PEM; default: the system's), ``ssl_cert_reqs=required|optional|none``
+(``none``: no certificate check at all, for self-signed test servers), ``ssl_check_hostname=true|false``
+(default true: the certificate must name the host of the URL, an IP SAN for ``127.0.0.1``). A certificate that
+is not trusted or names another host fails the connection like a refused one (the tier is marked down, calls
+are misses) with the TLS verification message in the log.
+
+Sentinel reads from replicas (``redis-sentinel://...?read_from_replicas=true``, redis-py's name for it; default
+false): ``GET``/``EXISTS`` go round-robin to the replicas ``SENTINEL replicas <name>`` lists as healthy (not
+``s_down``/``o_down``/``disconnected``, master link ``ok``; the list is refreshed every few seconds), writes,
+deletes, ``SCAN`` and ``PING`` always to the master. Any error from a replica (refused, reset, ``LOADING``,
+``MASTERDOWN``, a deadline) sends that read to the master instead and leaves the replica out for a few seconds;
+with no usable replica, reads go to the master. A lagging replica answers a miss for an entry it has not
+received yet; what it returns is validated like any entry (header, key fingerprint, checksum).
 """
 
 from __future__ import annotations
@@ -21,8 +36,9 @@ from __future__ import annotations
 import logging
 import ssl
 import sys
+import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -53,6 +69,14 @@ _SCHEMES = {"redis": "single", "rediss": "single", "valkey": "single", "valkeys"
             "redis-sentinel": "sentinel", "redis-cluster": "cluster", "valkey-cluster": "cluster",
             "valkey-sentinel": "sentinel"}
 T = TypeVar("T")
+_BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+_CERT_REQS = {"none": ssl.CERT_NONE, "cert_none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL,
+              "cert_optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED, "cert_required": ssl.CERT_REQUIRED}
+# Sentinel replica reads: how often the replica list is re-read, how long a failed replica is left out, and the
+# most a refresh may take (Sentinels that do not answer must not hold up reads that a replica could serve).
+_REPLICA_REFRESH_S = 5.0
+_REPLICA_COOLDOWN_S = 5.0
+_REFRESH_BUDGET_S = 0.5
 
 
 @attrs.frozen
@@ -85,6 +109,52 @@ def _parse_hosts(hostlist: str, default_port: int, url: str) -> list[_Addr]:
         out.append(_Addr(host, port))
     if not out:
         raise ConfigError(f"remote_url={url!r}: expected at least one host:port")
+    return out
+
+
+def _bool_opt(q: dict[str, str], name: str, url: str, default: bool) -> bool:
+    v = q.get(name)
+    if v is None:
+        return default
+    b = _BOOLS.get(v.strip().lower())
+    if b is None:
+        raise ConfigError(f"remote_url={url!r}: {name} must be true or false, got {v!r}")
+    return b
+
+
+def _ssl_context(q: dict[str, str], url: str) -> ssl.SSLContext:
+    """The client TLS context for redis-py's ``ssl_*`` URL options."""
+    reqs_s = q.get("ssl_cert_reqs", "required")
+    reqs = _CERT_REQS.get(reqs_s.strip().lower())
+    if reqs is None:
+        raise ConfigError(f"remote_url={url!r}: ssl_cert_reqs must be required, optional or none, got {reqs_s!r}")
+    cafile = q.get("ssl_ca_certs") or None
+    try:
+        ctx = ssl.create_default_context(cafile=cafile)
+    except OSError as exc:  # a missing file, or not PEM certificates (ssl.SSLError is an OSError)
+        raise ConfigError(f"remote_url={url!r}: cannot load ssl_ca_certs={cafile!r}: {exc}") from None
+    ctx.check_hostname = reqs != ssl.CERT_NONE and _bool_opt(q, "ssl_check_hostname", url, True)
+    ctx.verify_mode = reqs
+    return ctx
+
+
+def _healthy_replicas(reply: Any) -> list[_Addr]:
+    """Replica addresses from a ``SENTINEL replicas`` reply, leaving out those Sentinel sees down or unsynced."""
+    out: list[_Addr] = []
+    if not isinstance(reply, list):
+        return out
+    for item in reply:
+        if not isinstance(item, list):
+            continue
+        f = {item[j]: item[j + 1] for j in range(0, len(item) - 1, 2)
+             if isinstance(item[j], bytes) and isinstance(item[j + 1], bytes)}
+        flags = set(f.get(b"flags", b"").split(b","))
+        if flags & {b"s_down", b"o_down", b"disconnected"} or f.get(b"master-link-status", b"ok") != b"ok":
+            continue
+        try:
+            out.append(_Addr(f[b"ip"].decode(), int(f[b"port"])))
+        except (KeyError, ValueError):
+            continue
     return out
 
 
@@ -124,6 +194,7 @@ def _leaves(eg: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 class _Node:
     addr: _Addr
     pool: ConnectionPool
+    replica: bool = False  # a Sentinel replica used for reads (its failures never touch the master state)
 
 
 @attrs.define(eq=False)
@@ -143,8 +214,14 @@ class RedisConnector:
     master_name: str = "mymaster"
     sentinel_password: str | None = attrs.field(default=None, repr=False)
     max_connections: int = 8
+    read_from_replicas: bool = False
     _nodes: dict[_Addr, _Node] = attrs.field(init=False, factory=dict)
+    _replica_nodes: dict[_Addr, _Node] = attrs.field(init=False, factory=dict)
     _master: _Addr | None = attrs.field(init=False, default=None)
+    _replicas: list[_Addr] = attrs.field(init=False, factory=list)
+    _replicas_expire: float = attrs.field(init=False, default=0.0)
+    _replica_bad: dict[_Addr, float] = attrs.field(init=False, factory=dict)
+    _replica_turn: int = attrs.field(init=False, default=0)
     _slots: list[_Addr] | None = attrs.field(init=False, default=None)
     _closed: bool = attrs.field(init=False, default=False)
 
@@ -159,7 +236,12 @@ class RedisConnector:
         ``redis-sentinel://[:password@]h1:p1,h2:p2[/master_name][?master_name=..&sentinel_password=..&db=N]``,
         ``redis-cluster://[:password@]h1:p1,h2:p2``. Every form accepts ``?max_connections=N`` (per node).
 
-        :raises ConfigError: for a malformed URL or an unknown scheme.
+        TLS options (``rediss://``, ``valkeys://``, or ``?ssl=true``): ``ssl_ca_certs=PATH``,
+        ``ssl_cert_reqs=required|optional|none``, ``ssl_check_hostname=true|false``. Sentinel only:
+        ``read_from_replicas=true`` sends ``GET``/``EXISTS`` to healthy replicas (see the module docstring).
+
+        :raises ConfigError: for a malformed URL, an unknown scheme, a bad option value or an unreadable
+            ``ssl_ca_certs`` file.
         """
         scheme, sep, _ = url.partition("://")
         mode = _SCHEMES.get(scheme.lower())
@@ -206,13 +288,14 @@ class RedisConnector:
         except ValueError:
             raise ConfigError(f"remote_url={url!r}: max_connections must be an integer") from None
         ctx = None
-        if scheme in ("rediss", "valkeys") or q.get("ssl", "").lower() in ("1", "true", "yes"):
-            ctx = ssl.create_default_context(cafile=q.get("ssl_ca_certs"))
-            if q.get("ssl_cert_reqs", "").lower() in ("none", "cert_none"):
-                ctx.check_hostname = False
-                ctx.verify_mode = ssl.CERT_NONE
+        if scheme in ("rediss", "valkeys") or _bool_opt(q, "ssl", url, False):
+            ctx = _ssl_context(q, url)
+        replicas = _bool_opt(q, "read_from_replicas", url, False)
+        if replicas and mode != "sentinel":
+            raise ConfigError(f"remote_url={url!r}: read_from_replicas is supported with redis-sentinel:// only")
         return cls(url=url, mode=mode, addrs=addrs, username=username, password=password, db=db, ssl_context=ctx,
-                   master_name=name, sentinel_password=q.get("sentinel_password"), max_connections=max(1, maxc))
+                   master_name=name, sentinel_password=q.get("sentinel_password"), max_connections=max(1, maxc),
+                   read_from_replicas=replicas)
 
     @property
     def _safe_url(self) -> str:
@@ -222,9 +305,18 @@ class RedisConnector:
     async def _open(self, addr: _Addr) -> SocketIO:
         if addr.path:
             return await connect_unix(addr.path)
-        return await connect_tcp(addr.host, addr.port, ssl_context=self.ssl_context)
+        try:
+            return await connect_tcp(addr.host, addr.port, ssl_context=self.ssl_context)
+        except ssl.SSLCertVerificationError as exc:
+            raise TierUnavailable(f"{self._safe_url} ({addr}): TLS certificate rejected: {exc.verify_message} "
+                                  "(check ssl_ca_certs / ssl_check_hostname)") from exc
+        except ssl.SSLError as exc:
+            raise TierUnavailable(f"{self._safe_url} ({addr}): TLS handshake failed: {exc}") from exc
 
-    async def _setup(self, io: SocketIO) -> None:
+    async def _setup_replica(self, io: SocketIO) -> None:
+        await self._setup(io, master=False)
+
+    async def _setup(self, io: SocketIO, master: bool = True) -> None:
         cmds: list[Buffer] = []
         n = 0
         if self.password is not None:
@@ -233,7 +325,8 @@ class RedisConnector:
         if self.db:
             cmds += encode_command("SELECT", self.db)
             n += 1
-        if self.mode == "sentinel":  # a demoted master (or a stale address) must not take writes
+        check_role = self.mode == "sentinel" and master
+        if check_role:  # a demoted master (or a stale address) must not take writes
             cmds += encode_command("ROLE")
             n += 1
         if not n:
@@ -241,7 +334,7 @@ class RedisConnector:
         await io.send_all(cmds)
         for _ in range(n):
             reply = _check(await read_reply(io), f"{self._safe_url} connection setup")
-        if self.mode == "sentinel" and not (isinstance(reply, list) and reply and reply[0] == b"master"):
+        if check_role and not (isinstance(reply, list) and reply and reply[0] == b"master"):
             self._master = None
             raise TierUnavailable(f"{self._safe_url}: node is not the master of {self.master_name!r} (failover?)")
 
@@ -253,6 +346,16 @@ class RedisConnector:
             pool = ConnectionPool(lambda: self._open(addr), max_connections=self.max_connections,
                                   on_connect=self._setup)
             node = self._nodes[addr] = _Node(addr, pool)
+        return node
+
+    def _replica_node(self, addr: _Addr) -> _Node:
+        node = self._replica_nodes.get(addr)
+        if node is None:
+            if self._closed:
+                raise TierUnavailable(f"{self._safe_url}: connector closed")
+            pool = ConnectionPool(lambda: self._open(addr), max_connections=self.max_connections,
+                                  on_connect=self._setup_replica)
+            node = self._replica_nodes[addr] = _Node(addr, pool, replica=True)
         return node
 
     @asynccontextmanager
@@ -270,42 +373,120 @@ class RedisConnector:
     def _forget(self, node: _Node) -> None:
         """After a failure: drop the node's idle connections, and the master address / slot map that led to it."""
         node.pool.reset()
-        if self.mode == "sentinel":
+        if node.replica:
+            self._replica_bad[node.addr] = time.monotonic() + _REPLICA_COOLDOWN_S
+        elif self.mode == "sentinel":
             self._master = None
         elif self.mode == "cluster":
             self._slots = None
 
-    async def _sentinel_master(self) -> _Addr:
-        if self._master is not None:
-            return self._master
+    async def _ask_sentinels(self, commands: Sequence[Sequence[str]], accept: Callable[[list[Any]], str | None],
+                             what: str) -> list[Any]:
+        """The replies to ``commands`` of the first Sentinel whose replies ``accept`` takes (it returns ``None``,
+        or why not).
+
+        :raises TierUnavailable: ``what`` and every Sentinel's reason, when none gives acceptable replies.
+        """
         errors = []
         for s in self.addrs:
             try:
                 io = await self._open(s)
-            except OSError as exc:
+            except (OSError, TierError) as exc:
                 errors.append(f"{s}: {exc}")
                 continue
             try:
                 cmds: list[Buffer] = []
                 if self.sentinel_password:
                     cmds += encode_command("AUTH", self.sentinel_password)
-                cmds += encode_command("SENTINEL", "get-master-addr-by-name", self.master_name)
+                for c in commands:
+                    cmds += encode_command(*c)
                 await io.send_all(cmds)
                 if self.sentinel_password:
                     _check(await read_reply(io), f"sentinel {s} AUTH")
-                reply = await read_reply(io)
+                replies = [await read_reply(io) for _ in commands]
             except (OSError, ProtocolError, TierError) as exc:
                 errors.append(f"{s}: {exc}")
                 continue
             finally:
                 io.close()
-            if isinstance(reply, list) and len(reply) == 2 and all(isinstance(x, bytes) for x in reply):
-                self._master = _Addr(reply[0].decode(), int(reply[1]))  # type: ignore[union-attr,arg-type]
-                log.debug("sentinel %s: master %r is %s", s, self.master_name, self._master)
-                return self._master
-            errors.append(f"{s}: no master named {self.master_name!r} ({reply!r})")
-        raise TierUnavailable(f"{self._safe_url}: no sentinel knows master {self.master_name!r}: "
-                              + "; ".join(errors))
+            why = accept(replies)
+            if why is None:
+                return replies
+            errors.append(f"{s}: {why}")
+        raise TierUnavailable(f"{self._safe_url}: {what}: " + "; ".join(errors))
+
+    async def _sentinel_master(self) -> _Addr:
+        if self._master is not None:
+            return self._master
+
+        def accept(replies: list[Any]) -> str | None:
+            r = replies[0]
+            if isinstance(r, list) and len(r) == 2 and all(isinstance(x, bytes) for x in r):
+                return None
+            return f"no master named {self.master_name!r} ({r!r})"
+
+        cmds = [("SENTINEL", "get-master-addr-by-name", self.master_name)]
+        if self.read_from_replicas:
+            cmds.append(("SENTINEL", "replicas", self.master_name))
+        replies = await self._ask_sentinels(cmds, accept, f"no sentinel knows master {self.master_name!r}")
+        host, port = replies[0]
+        self._master = _Addr(host.decode(), int(port))
+        log.debug("sentinel: master %r is %s", self.master_name, self._master)
+        if self.read_from_replicas:
+            self._set_replicas(replies[1])
+        return self._master
+
+    def _set_replicas(self, reply: Any) -> None:
+        self._replicas = [a for a in _healthy_replicas(reply) if a != self._master]
+        self._replicas_expire = time.monotonic() + _REPLICA_REFRESH_S
+        log.debug("sentinel: replicas of %r to read from: %s", self.master_name, ", ".join(map(str, self._replicas)))
+
+    async def _refresh_replicas(self) -> None:
+        """Re-read the replica list (briefly: on failure the old list stays, and the next refresh is later)."""
+        self._replicas_expire = time.monotonic() + _REPLICA_REFRESH_S
+        with anyio.move_on_after(_REFRESH_BUDGET_S):
+            try:
+                (reply,) = await self._ask_sentinels([("SENTINEL", "replicas", self.master_name)],
+                                                     lambda r: None if isinstance(r[0], list) else repr(r[0]),
+                                                     "replica list")
+            except TierUnavailable as exc:
+                log.debug("sentinel: cannot refresh the replicas of %r: %s", self.master_name, exc)
+                return
+            self._set_replicas(reply)
+
+    async def _read_replica(self) -> _Node | None:
+        """The replica the next read goes to, or ``None`` for the master (no replica reads, or none usable)."""
+        if self.mode != "sentinel" or not self.read_from_replicas:
+            return None
+        await self._sentinel_master()
+        now = time.monotonic()
+        if now >= self._replicas_expire:
+            await self._refresh_replicas()
+        usable = [a for a in self._replicas if self._replica_bad.get(a, 0.0) <= now]
+        if not usable:
+            return None
+        self._replica_turn += 1
+        return self._replica_node(usable[self._replica_turn % len(usable)])
+
+    def _replica_failed(self, node: _Node, why: object) -> None:
+        node.pool.reset()
+        self._replica_bad[node.addr] = time.monotonic() + _REPLICA_COOLDOWN_S
+        log.debug("%s: replica %s failed (%s); reading from the master", self._safe_url, node.addr, why)
+
+    async def _on_replica(self, fn: Callable[[_Node], Awaitable[T]]) -> tuple[bool, T | None]:
+        """Run ``fn`` on a replica when reads go to replicas: ``(True, result)``, or ``(False, None)`` when there is
+        none or it failed (the caller then reads from the master)."""
+        node = await self._read_replica()
+        if node is None:
+            return False, None
+        try:
+            return True, await fn(node)
+        except (TierError, OSError, ProtocolError) as exc:
+            self._replica_failed(node, exc)
+        except anyio.get_cancelled_exc_class():  # the tier's deadline: leave this replica out for a while
+            self._replica_failed(node, "no answer before the deadline")
+            raise
+        return False, None
 
     async def _cluster_slots(self) -> list[_Addr]:
         if self._slots is not None:
@@ -346,12 +527,15 @@ class RedisConnector:
             return [self._node(a) for a in dict.fromkeys(await self._cluster_slots())]
         return [await self._route("")]
 
-    async def _run_routed(self, cmds: Sequence[tuple[str, list[Buffer]]]) -> list[Any]:
-        """Send each command to the node serving its routing key (pipelined per node, nodes concurrently);
-        replies in command order, error replies as :class:`RespError`."""
+    async def _run_routed(self, cmds: Sequence[tuple[str, list[Buffer]]], node: _Node | None = None) -> list[Any]:
+        """Send each command to the node serving its routing key (pipelined per node, nodes concurrently), or all
+        to ``node``; replies in command order, error replies as :class:`RespError`."""
         groups: dict[_Node, list[int]] = defaultdict(list)
-        for i, (rkey, _) in enumerate(cmds):
-            groups[await self._route(rkey)].append(i)
+        if node is not None:
+            groups[node] = list(range(len(cmds)))
+        else:
+            for i, (rkey, _) in enumerate(cmds):
+                groups[await self._route(rkey)].append(i)
         replies: list[Any] = [None] * len(cmds)
 
         def runner(node: _Node, idxs: list[int]) -> Callable[[], Coroutine[Any, Any, None]]:
@@ -370,7 +554,7 @@ class RedisConnector:
             if isinstance(r, RespError) and r.kind in ("MOVED", "ASK"):
                 self._slots = None  # the next call reads the new slot map
             elif isinstance(r, RespError) and r.kind in _UNAVAILABLE:
-                if self.mode == "sentinel":
+                if self.mode == "sentinel" and node is None:
                     self._master = None
                 raise TierUnavailable(f"{self._safe_url}: {r.message}")
         return replies
@@ -384,8 +568,10 @@ class RedisConnector:
             cmds = [(k + sfx, encode_command("EXISTS", k + sfx)) for k in keys for sfx in (META_SUFFIX, KV_SUFFIX)]
             r = await self._run_routed(cmds)
             return [r[2 * i] == 1 and r[2 * i + 1] == 1 for i in range(len(keys))]
-        r = await self._run_routed([(k, encode_command("EXISTS", k + META_SUFFIX, k + KV_SUFFIX)) for k in keys])
-        return [x == 2 for x in r]
+        cmds = [(k, encode_command("EXISTS", k + META_SUFFIX, k + KV_SUFFIX)) for k in keys]
+        on_replica, got = await self._on_replica(lambda node: self._run_routed(cmds, node))
+        replies = got if on_replica and got is not None else await self._run_routed(cmds)
+        return [x == 2 for x in replies]
 
     async def get_many(self, keys: Sequence[str], read_into: ReadInto) -> list[GetResult | None]:
         """Each entry's header and payload, the payload received into ``read_into(header)``'s buffer.
@@ -410,7 +596,20 @@ class RedisConnector:
                                              for k in missing_meta])
                 orphans += [k for k, e in zip(missing_meta, ex, strict=True) if e == 1]
         else:
-            await self._get_pipelined(keys, read_into, out, orphans)
+            # ``done``: entries answered (hit, miss or orphan); ``started``: entries whose header went to
+            # ``read_into`` (a failed replica read leaves those misses: their buffers may be half-filled).
+            done: set[int] = set()
+            started: set[int] = set()
+            todo = list(range(len(keys)))
+
+            async def on(node: _Node) -> None:
+                await self._get_pipelined(node, keys, todo, read_into, out, orphans, done, started)
+
+            on_replica, _ = await self._on_replica(on)
+            if not on_replica:
+                todo = [i for i in todo if i not in done and i not in started]
+                if todo:
+                    await on(await self._route(keys[0]))
         if orphans:
             log.debug("%s: cleaning %d half-present entries", self._safe_url, len(orphans))
             try:
@@ -419,24 +618,30 @@ class RedisConnector:
                 log.debug("orphan cleanup failed: %s", exc)
         return out
 
-    async def _get_pipelined(self, keys: Sequence[str], read_into: ReadInto,
-                             out: list[GetResult | None], orphans: list[str]) -> None:
-        node = await self._route(keys[0])
+    async def _get_pipelined(self, node: _Node, keys: Sequence[str], todo: Sequence[int], read_into: ReadInto,
+                             out: list[GetResult | None], orphans: list[str], done: set[int], started: set[int]
+                             ) -> None:
+        """``GET`` both parts of entries ``todo`` from one server, pipelined."""
         bufs: list[Buffer] = []
-        for k in keys:
-            bufs += encode_command("GET", k + META_SUFFIX)
-            bufs += encode_command("GET", k + KV_SUFFIX)
+        for i in todo:
+            bufs += encode_command("GET", keys[i] + META_SUFFIX)
+            bufs += encode_command("GET", keys[i] + KV_SUFFIX)
         async with self._conn(node) as io:
             await io.send_all(bufs)
-            for i, k in enumerate(keys):
+            for i in todo:
+                k = keys[i]
                 meta = _check(await read_reply(io), f"GET {k}{META_SUFFIX}")
 
-                def target(_n: int, meta: Any = meta, k: str = k) -> memoryview | None:
-                    return read_into(meta, k) if isinstance(meta, bytes) else None
+                def target(_n: int, meta: Any = meta, k: str = k, i: int = i) -> memoryview | None:
+                    if not isinstance(meta, bytes):
+                        return None
+                    started.add(i)
+                    return read_into(meta, k)
 
                 digest = payload_digest()
                 res = _check(await read_bulk_into(io, target, digest), f"GET {k}{KV_SUFFIX}")
                 n, view = res
+                done.add(i)
                 if meta is None and n < 0:
                     continue
                 if meta is None or n < 0:
@@ -574,15 +779,17 @@ class RedisConnector:
 
     def reset(self) -> None:
         """Forget connections, master address and slot map (the tier calls this when it marks the remote down)."""
-        for node in self._nodes.values():
+        for node in [*self._nodes.values(), *self._replica_nodes.values()]:
             node.pool.reset()
         self._master = None
+        self._replicas_expire = 0.0
         self._slots = None
 
     async def aclose(self) -> None:
         """Close every connection; idempotent."""
         self._closed = True
-        for node in self._nodes.values():
+        for node in [*self._nodes.values(), *self._replica_nodes.values()]:
             node.pool.close()
         self._nodes.clear()
+        self._replica_nodes.clear()
 
