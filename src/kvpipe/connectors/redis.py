@@ -24,11 +24,13 @@ are misses) with the TLS verification message in the log.
 
 Sentinel reads from replicas (``redis-sentinel://...?read_from_replicas=true``, redis-py's name for it; default
 false): ``GET``/``EXISTS`` go round-robin to the replicas ``SENTINEL replicas <name>`` lists as healthy (not
-``s_down``/``o_down``/``disconnected``, master link ``ok``; the list is refreshed every few seconds), writes,
-deletes, ``SCAN`` and ``PING`` always to the master. Any error from a replica (refused, reset, ``LOADING``,
-``MASTERDOWN``, a deadline) sends that read to the master instead and leaves the replica out for a few seconds;
-with no usable replica, reads go to the master. A lagging replica answers a miss for an entry it has not
-received yet; what it returns is validated like any entry (header, key fingerprint, checksum).
+``s_down``/``o_down``/``disconnected``; the list is refreshed every few seconds); writes, deletes, ``SCAN`` and
+``PING`` always go to the master. An error from a replica (refused, reset, ``LOADING``, ``MASTERDOWN``) sends
+that read to the master instead and leaves the replica out for a few seconds (so does a replica that lets the
+tier's deadline pass, that call being a miss); with no usable replica, reads go to the master. A lagging replica (or one cut off from its master, which keeps
+answering reads from what it has) answers a miss for an entry it has not received; what it returns is
+validated like any entry (header, key fingerprint, checksum), and entries are content-addressed, so an old copy
+is still the right KV.
 """
 
 from __future__ import annotations
@@ -139,7 +141,9 @@ def _ssl_context(q: dict[str, str], url: str) -> ssl.SSLContext:
 
 
 def _healthy_replicas(reply: Any) -> list[_Addr]:
-    """Replica addresses from a ``SENTINEL replicas`` reply, leaving out those Sentinel sees down or unsynced."""
+    """Replica addresses from a ``SENTINEL replicas`` reply, leaving out those Sentinel sees down, as redis-py does
+    (not by ``master-link-status``: Sentinel refreshes it only every 10 s, and a replica whose link is down still
+    serves what it has)."""
     out: list[_Addr] = []
     if not isinstance(reply, list):
         return out
@@ -148,8 +152,7 @@ def _healthy_replicas(reply: Any) -> list[_Addr]:
             continue
         f = {item[j]: item[j + 1] for j in range(0, len(item) - 1, 2)
              if isinstance(item[j], bytes) and isinstance(item[j + 1], bytes)}
-        flags = set(f.get(b"flags", b"").split(b","))
-        if flags & {b"s_down", b"o_down", b"disconnected"} or f.get(b"master-link-status", b"ok") != b"ok":
+        if set(f.get(b"flags", b"").split(b",")) & {b"s_down", b"o_down", b"disconnected"}:
             continue
         try:
             out.append(_Addr(f[b"ip"].decode(), int(f[b"port"])))
@@ -325,8 +328,10 @@ class RedisConnector:
         if self.db:
             cmds += encode_command("SELECT", self.db)
             n += 1
+        # Sentinel: a demoted master (or a stale address) must not take writes. A replica is read whatever the state
+        # of its link to the master: what it has is older at worst, and entries are content-addressed and validated.
         check_role = self.mode == "sentinel" and master
-        if check_role:  # a demoted master (or a stale address) must not take writes
+        if check_role:
             cmds += encode_command("ROLE")
             n += 1
         if not n:
