@@ -24,7 +24,7 @@ from servers import ServerProc, TlsProxy, free_port, tls_proxy
 
 from contract import TierContract, TierHarness, contract_keys
 from kvpipe.connectors.redis import KV_SUFFIX, META_SUFFIX, RedisConnector
-from kvpipe.connectors.sockio import _STAGING, connect_tcp
+from kvpipe.connectors.sockio import _STAGING, _TLS_JOIN, _join_small, connect_tcp
 from kvpipe.errors import ConfigError
 from kvpipe.keys import ChunkKey
 from kvpipe.tiers.base import Tier, TierContext
@@ -339,3 +339,16 @@ async def test_socketio_tls_reads_never_wait_on_buffered_bytes(tls_ca: Any) -> N
         io.close()
         lsock.close()
         t.join(10)
+
+
+def test_tls_send_joins_small_buffers_only() -> None:
+    """TLS sends join runs of small buffers (one TLS record and syscall instead of one each); big ones are sent
+    from the caller's memory, never copied; the bytes and their order are unchanged."""
+    big = memoryview(bytes(range(256)) * 256)  # 64 KiB
+    small = [memoryview(b"x" * n) for n in (1, 10, 100, 1000, 5000, 16383)]
+    views = [*small, big, *small * 20, big, small[0]]
+    out = _join_small(views)
+    assert b"".join(out) == b"".join(views)
+    assert [v for v in out if v.obj is big.obj] == [big, big]
+    assert all(len(v) <= _TLS_JOIN for v in out if v.obj is not big.obj)
+    assert len(out) < len(views) // 4

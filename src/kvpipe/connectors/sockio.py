@@ -37,6 +37,10 @@ _LOWAT_MAX = 1 << 20
 _SNDBUF = int(os.environ.get("KVPIPE_SNDBUF", str(4 << 20)))
 # Linux caps one sendmsg at IOV_MAX (1024) buffers.
 _IOV_MAX = 512
+# TLS: an SSLSocket has no sendmsg, so every buffer would be its own SSL_write (a TLS record and a syscall each);
+# runs of small buffers (pipelined commands, RESP headers) are joined up to this size first. 0 turns it off.
+_TLS_JOIN = 64 << 10
+_TLS_SMALL = 16 << 10
 _WANT_READ = (BlockingIOError, InterruptedError, ssl.SSLWantReadError)
 _WANT_WRITE = (ssl.SSLWantWriteError,)
 
@@ -197,6 +201,8 @@ class SocketIO:
     async def send_all(self, buffers: Sequence[Buffer]) -> None:
         """Send every buffer, in order, without concatenating them (``sendmsg`` scatter-gather)."""
         views = [memoryview(b).cast("B") for b in buffers if len(b)]
+        if self._tls and _TLS_JOIN and len(views) > 1:
+            views = _join_small(views)
         i = 0
         while i < len(views):
             batch = views[i : i + _IOV_MAX]
@@ -229,6 +235,27 @@ class SocketIO:
                 self.sock.close()
             except OSError:
                 pass
+
+
+def _join_small(views: list[memoryview]) -> list[memoryview]:
+    """``views`` with each run of small buffers copied into one buffer of at most ``_TLS_JOIN`` bytes (big
+    buffers are kept as they are: never copied)."""
+    out: list[memoryview] = []
+    cur = bytearray()
+    for v in views:
+        if len(v) >= _TLS_SMALL:
+            if cur:
+                out.append(memoryview(cur))
+                cur = bytearray()
+            out.append(v)
+            continue
+        if len(cur) + len(v) > _TLS_JOIN:
+            out.append(memoryview(cur))
+            cur = bytearray()
+        cur += v
+    if cur:
+        out.append(memoryview(cur))
+    return out
 
 
 def tune_socket(sock: socket.socket) -> None:
