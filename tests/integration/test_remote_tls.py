@@ -352,3 +352,55 @@ def test_tls_send_joins_small_buffers_only() -> None:
     assert [v for v in out if v.obj is big.obj] == [big, big]
     assert all(len(v) <= _TLS_JOIN for v in out if v.obj is not big.obj)
     assert len(out) < len(views) // 4
+
+
+async def test_tls_endpoint_restart_under_load(valkey: ServerProc, tls_ca: Any, key_model: str) -> None:
+    """The TLS endpoint goes away under load and comes back on the same port: misses meanwhile, never an exception
+    or wrong KV, and hits again over fresh TLS connections."""
+    proxy = tls_proxy(valkey.port, tls_ca)
+    tier = await open_tier(proxy.url(tls_ca.pem_path), make_ctx(timeout=1.0))
+    errors: list[BaseException] = []
+    hits_after: list[int] = []
+    restarted = anyio.Event()
+    stop = anyio.Event()
+
+    async def load(w: int) -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            k = key(key_model, w * 100000 + n)
+            try:
+                await tier.put_many([k], [chunk(n % 9)])
+                (g,) = await tier.get_many([k])
+            except BaseException as exc:
+                errors.append(exc)
+                raise
+            if g is not None:
+                assert torch.equal(g.tensor, chunk_tensor(n % 9)), "wrong KV"
+                g.release()
+                if restarted.is_set():
+                    hits_after.append(n)
+            await anyio.sleep(0.01)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for w in range(2):
+                tg.start_soon(load, w)
+            await anyio.sleep(0.3)
+            assert tier.statistics().hits > 0
+            await anyio.to_thread.run_sync(proxy.stop)
+            with anyio.fail_after(10):
+                while tier.available:
+                    await anyio.sleep(0.02)
+            await anyio.to_thread.run_sync(proxy.start)
+            restarted.set()
+            with anyio.move_on_after(10):
+                while not hits_after:
+                    await anyio.sleep(0.05)
+            stop.set()
+        assert not errors
+        assert hits_after, "no hits after the TLS endpoint came back"
+        assert tier.available and tier.statistics().extra["down_events"] >= 1
+    finally:
+        await tier.aclose()
+        proxy.stop()
