@@ -112,6 +112,36 @@ async def test_bad_entries_read_from_the_replica_are_caught_and_cleaned(sentinel
         r.close()
 
 
+async def test_entry_missing_on_a_lagging_replica_is_a_plain_miss(sentinel: ValkeySentinel, key_model: str) -> None:
+    """A replica that has not received an entry yet (made here by deleting it on the replica alone, which is
+    made writable for the moment) answers a miss; nothing is deleted on the master, and the master still
+    serves it to a reader without the option."""
+    master, replica = redis.Redis(port=sentinel.master.port), redis.Redis(port=sentinel.replica.port)
+    tier = await open_tier(sentinel.url + "?read_from_replicas=true")
+    plain = await open_tier(sentinel.url)
+    try:
+        keys = [key(key_model, i) for i in range(2)]
+        assert await tier.put_many(keys, [chunk(i) for i in range(2)]) == 2
+        await _settled(sentinel.master.port)
+        s0 = keys[0].to_string()
+        replica.config_set("replica-read-only", "no")
+        try:
+            assert replica.delete(s0 + "metadata", s0 + "kv_bytes") == 2
+        finally:
+            replica.config_set("replica-read-only", "yes")
+        assert await _read_all(tier, keys, [0, 1]) == 1
+        assert await tier.contains_many(keys) == [False, True]
+        st = tier.statistics()
+        assert (st.hits, st.misses, st.corrupt) == (1, 1, 0)
+        assert master.exists(s0 + "metadata", s0 + "kv_bytes") == 2  # not cleaned up: it is not broken
+        assert await _read_all(plain, keys, [0, 1]) == 2
+    finally:
+        await tier.aclose()
+        await plain.aclose()
+        master.close()
+        replica.close()
+
+
 async def test_dead_replica_reads_fall_back_to_the_master(fresh_sentinel: ValkeySentinel, key_model: str) -> None:
     topo = fresh_sentinel
     tier = await open_tier(topo.url + "?read_from_replicas=true", make_ctx(timeout=2.0))
