@@ -6,6 +6,7 @@ answering reads while the master is gone)."""
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Callable
 
@@ -159,6 +160,35 @@ async def test_dead_replica_reads_fall_back_to_the_master(fresh_sentinel: Valkey
         s = tier.statistics()
         assert tier.available and s.extra["down_events"] == 0 and s.misses == 0
     finally:
+        await tier.aclose()
+
+
+async def test_hung_replica_costs_one_deadline_then_reads_go_to_the_master(fresh_sentinel: ValkeySentinel,
+                                                                          key_model: str) -> None:
+    """A replica that stops answering (SIGSTOP: connections stay open, nothing comes back) makes one read miss at
+    the tier's deadline; the replica is then left out and reads hit from the master, with no further down
+    event."""
+    topo = fresh_sentinel
+    tier = await open_tier(topo.url + "?read_from_replicas=true", make_ctx(timeout=1.0))
+    proc = topo.replica.proc
+    assert proc is not None
+    try:
+        keys = [key(key_model, i) for i in range(3)]
+        assert await tier.put_many(keys, [chunk(i) for i in range(3)]) == 3
+        await _settled(topo.master.port)
+        assert await _read_all(tier, keys, [0, 1, 2]) == 3
+        proc.send_signal(signal.SIGSTOP)
+        assert await _read_all(tier, keys, [0, 1, 2]) == 0  # the deadline decided: misses
+        assert await _wait_until(lambda: tier.available, 5)
+        downs = tier.statistics().extra["down_events"]
+        assert downs == 1
+        m0 = _hits(topo.master.port)
+        for _ in range(5):
+            assert await _read_all(tier, keys, [0, 1, 2]) == 3
+        assert _hits(topo.master.port) - m0 >= 5 * 3 * 2
+        assert tier.available and tier.statistics().extra["down_events"] == downs
+    finally:
+        proc.send_signal(signal.SIGCONT)
         await tier.aclose()
 
 

@@ -26,8 +26,9 @@ Sentinel reads from replicas (``redis-sentinel://...?read_from_replicas=true``, 
 false): ``GET``/``EXISTS`` go round-robin to the replicas ``SENTINEL replicas <name>`` lists as healthy (not
 ``s_down``/``o_down``/``disconnected``; the list is refreshed every few seconds); writes, deletes, ``SCAN`` and
 ``PING`` always go to the master. An error from a replica (refused, reset, ``LOADING``, ``MASTERDOWN``) sends
-that read to the master instead and leaves the replica out for a few seconds (so does a replica that lets the
-tier's deadline pass, that call being a miss); with no usable replica, reads go to the master. A lagging replica (or one cut off from its master, which keeps
+that read to the master instead and leaves the replica out for 5 s, doubling for each failure in a row up to
+60 s (so does a replica that lets the tier's deadline pass, that call being a miss); with no usable replica,
+reads go to the master. A lagging replica (or one cut off from its master, which keeps
 answering reads from what it has) answers a miss for an entry it has not received; what it returns is
 validated like any entry (header, key fingerprint, checksum), and entries are content-addressed, so an old copy
 is still the right KV.
@@ -77,7 +78,8 @@ _CERT_REQS = {"none": ssl.CERT_NONE, "cert_none": ssl.CERT_NONE, "optional": ssl
 # Sentinel replica reads: how often the replica list is re-read, how long a failed replica is left out, and the
 # most a refresh may take (Sentinels that do not answer must not hold up reads that a replica could serve).
 _REPLICA_REFRESH_S = 5.0
-_REPLICA_COOLDOWN_S = 5.0
+_REPLICA_COOLDOWN_S = 5.0  # doubled for each failure in a row, up to the max
+_REPLICA_COOLDOWN_MAX_S = 60.0
 _REFRESH_BUDGET_S = 0.5
 
 
@@ -224,6 +226,7 @@ class RedisConnector:
     _replicas: list[_Addr] = attrs.field(init=False, factory=list)
     _replicas_expire: float = attrs.field(init=False, default=0.0)
     _replica_bad: dict[_Addr, float] = attrs.field(init=False, factory=dict)
+    _replica_fails: dict[_Addr, int] = attrs.field(init=False, factory=dict)
     _replica_turn: int = attrs.field(init=False, default=0)
     _slots: list[_Addr] | None = attrs.field(init=False, default=None)
     _closed: bool = attrs.field(init=False, default=False)
@@ -379,7 +382,7 @@ class RedisConnector:
         """After a failure: drop the node's idle connections, and the master address / slot map that led to it."""
         node.pool.reset()
         if node.replica:
-            self._replica_bad[node.addr] = time.monotonic() + _REPLICA_COOLDOWN_S
+            pass  # left out by _replica_failed; the master state is not in question
         elif self.mode == "sentinel":
             self._master = None
         elif self.mode == "cluster":
@@ -474,9 +477,14 @@ class RedisConnector:
         return self._replica_node(usable[self._replica_turn % len(usable)])
 
     def _replica_failed(self, node: _Node, why: object) -> None:
+        """Leave a failed replica out: 5 s, doubling for each failure in a row (a replica that hangs would
+        otherwise cost one tier deadline every few seconds), up to 60 s."""
         node.pool.reset()
-        self._replica_bad[node.addr] = time.monotonic() + _REPLICA_COOLDOWN_S
-        log.debug("%s: replica %s failed (%s); reading from the master", self._safe_url, node.addr, why)
+        n = self._replica_fails[node.addr] = self._replica_fails.get(node.addr, 0) + 1
+        pause = min(_REPLICA_COOLDOWN_S * 2 ** (n - 1), _REPLICA_COOLDOWN_MAX_S)
+        self._replica_bad[node.addr] = time.monotonic() + pause
+        (log.warning if n == 1 else log.debug)("%s: replica %s failed (%s); reading from the master for %g s",
+                                               self._safe_url, node.addr, why, pause)
 
     async def _on_replica(self, fn: Callable[[_Node], Awaitable[T]]) -> tuple[bool, T | None]:
         """Run ``fn`` on a replica when reads go to replicas: ``(True, result)``, or ``(False, None)`` when there is
@@ -485,12 +493,15 @@ class RedisConnector:
         if node is None:
             return False, None
         try:
-            return True, await fn(node)
+            result = await fn(node)
         except (TierError, OSError, ProtocolError) as exc:
             self._replica_failed(node, exc)
         except anyio.get_cancelled_exc_class():  # the tier's deadline: leave this replica out for a while
             self._replica_failed(node, "no answer before the deadline")
             raise
+        else:
+            self._replica_fails.pop(node.addr, None)
+            return True, result
         return False, None
 
     async def _cluster_slots(self) -> list[_Addr]:
