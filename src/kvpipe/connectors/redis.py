@@ -28,10 +28,10 @@ false): ``GET``/``EXISTS`` go round-robin to the replicas ``SENTINEL replicas <n
 ``PING`` always go to the master. An error from a replica (refused, reset, ``LOADING``, ``MASTERDOWN``) sends
 that read to the master instead and leaves the replica out for 5 s, doubling for each failure in a row up to
 60 s (so does a replica that lets the tier's deadline pass, that call being a miss); with no usable replica,
-reads go to the master. A lagging replica (or one cut off from its master, which keeps
-answering reads from what it has) answers a miss for an entry it has not received; what it returns is
-validated like any entry (header, key fingerprint, checksum), and entries are content-addressed, so an old copy
-is still the right KV.
+reads go to the master. A lagging replica (or one cut off from its master, which keeps answering reads from what
+it has) answers a miss for an entry it has not received; what it returns is validated like any entry (header,
+key fingerprint, checksum), and entries are content-addressed, so an old copy is still the right KV. Orphans
+and corrupt entries found on a replica are deleted on the master.
 """
 
 from __future__ import annotations
