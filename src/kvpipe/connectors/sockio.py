@@ -77,7 +77,12 @@ class SocketIO:
     async def _recv_into(self, view: memoryview, need: int = 1) -> int:
         """Receive into ``view``; ``need``: bytes the caller surely expects, so the wait can ask the kernel to
         report readiness only once that many are queued (``SO_RCVLOWAT``: one wake-up per big payload instead of
-        one per segment burst)."""
+        one per segment burst).
+
+        Always read first and wait only after the socket said "would block": over TLS, OpenSSL may hold
+        decrypted bytes of a record that did not fit the last ``view`` (``sock.pending()``), which the selector
+        cannot see (``test_socketio_tls_tail_left_inside_openssl_is_read`` hangs if this waits first). No
+        ``SO_RCVLOWAT`` on TLS sockets either: the kernel counts encrypted bytes."""
         while True:
             try:
                 n = self.sock.recv_into(view)
