@@ -335,6 +335,7 @@ class TlsProxy:
     port: int = attrs.field(factory=free_port)
     accepted: int = 0  # TLS connections whose handshake succeeded
     _loop: asyncio.AbstractEventLoop | None = None
+    _writers: set[asyncio.StreamWriter] = attrs.field(factory=set)
     _thread: threading.Thread | None = None
 
     def start(self) -> TlsProxy:
@@ -367,19 +368,25 @@ class TlsProxy:
             loop.run_forever()
         finally:
             server.close()
+            for w in list(self._writers):
+                w.transport.abort()
             tasks = asyncio.all_tasks(loop)
             for t in tasks:
                 t.cancel()
             loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            loop.run_until_complete(asyncio.sleep(0.01))  # let the aborted transports finish closing
             loop.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.accepted += 1
+        self._writers.add(writer)
         try:
             br, bw = await asyncio.open_connection("127.0.0.1", self.backend_port)
         except OSError:
             writer.close()
+            self._writers.discard(writer)
             return
+        self._writers.add(bw)
 
         async def pump(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
             try:
@@ -392,7 +399,10 @@ class TlsProxy:
                 with contextlib.suppress(OSError, RuntimeError):
                     w.close()
 
-        await asyncio.gather(pump(reader, bw), pump(br, writer))
+        try:
+            await asyncio.gather(pump(reader, bw), pump(br, writer))
+        finally:
+            self._writers.difference_update((writer, bw))
 
     def url(self, ca_pem: Path | None = None, **options: str) -> str:
         """``rediss://127.0.0.1:PORT`` with ``ssl_ca_certs=ca_pem`` and ``options`` as the query."""
