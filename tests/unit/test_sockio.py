@@ -18,7 +18,7 @@ pytestmark = pytest.mark.unit
 
 def _send_in_pieces(sock: socket.socket, data: bytes, pieces: list[int]) -> None:
     pos = 0
-    for p in pieces + [len(data)]:
+    for p in [*pieces, len(data)]:
         sock.sendall(data[pos : pos + p])
         pos += p
         if pos >= len(data):
@@ -37,7 +37,7 @@ async def test_read_into_with_digest_matches_payload(size: int, prefix: int, pie
     io = SocketIO(a)
     try:
         wire = b"LINE\r\n" + payload + b"NEXT\r\n"
-        t = threading.Thread(target=_send_in_pieces, args=(b, wire, [6 + prefix] + pieces))
+        t = threading.Thread(target=_send_in_pieces, args=(b, wire, [6 + prefix, *pieces]))
         t.start()
         assert await io.readline() == b"LINE"
         dst = memoryview(bytearray(size))
