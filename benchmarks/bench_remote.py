@@ -39,6 +39,7 @@ from kvpipe.connectors.lm import LmConnector  # noqa: E402
 from kvpipe.connectors.redis import RedisConnector  # noqa: E402
 from kvpipe.keys import KeyPrefix  # noqa: E402
 from kvpipe.memory.pool import MemoryObj, create_pool  # noqa: E402
+from kvpipe.serde.entry import payload_checksum  # noqa: E402
 from kvpipe.serde.naive import NaiveSerde  # noqa: E402
 from kvpipe.tiers.base import TierContext  # noqa: E402
 from kvpipe.tiers.remote import RemoteTier, open_remote_tier  # noqa: E402
@@ -193,9 +194,12 @@ async def bench_size(size: int, iters: int, warmup: int, redis_port: int, lm_url
         "redis_py_asyncio_get": lambda: arpy.get(rkey),
         "redis_raw_socket_set": lambda: raw.set(rkey, data),
         "redis_raw_socket_get": lambda: raw.get(rkey, dst),
+        # the raw client plus the integrity checksum every kvpipe PUT computes (xxh3_64 of the payload)
+        "redis_raw_socket_set_xxh3": lambda: (payload_checksum(data), raw.set(rkey, data)),
         "lm_tier_put": lambda: tier_put(ltier),
         "lm_tier_get": lambda: tier_get(ltier),
         "raw_tcp_put": lambda: tcp.put(data),
+        "raw_tcp_put_xxh3": lambda: (payload_checksum(data), tcp.put(data)),
         "raw_tcp_get": lambda: tcp.get(dst),
     }
     samples: dict[str, list[tuple[float, float]]] = {m: [] for m in methods}
@@ -234,6 +238,8 @@ async def bench_size(size: int, iters: int, warmup: int, redis_port: int, lm_url
         "redis_tier_put_vs_redis_py_asyncio": ratio("redis_tier_put", "redis_py_asyncio_set"),
         "lm_tier_get_vs_raw_tcp": ratio("lm_tier_get", "raw_tcp_get"),
         "lm_tier_put_vs_raw_tcp": ratio("lm_tier_put", "raw_tcp_put"),
+        "redis_tier_put_vs_raw_socket_plus_xxh3": ratio("redis_tier_put", "redis_raw_socket_set_xxh3"),
+        "lm_tier_put_vs_raw_tcp_plus_xxh3": ratio("lm_tier_put", "raw_tcp_put_xxh3"),
     }
     return out
 
