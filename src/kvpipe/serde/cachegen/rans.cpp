@@ -7,6 +7,10 @@
 // little-endian 16-bit rANS words (decoder reads them front to back; the first 8 words are the 4 final states).
 #include <cmath>
 #include <cstdint>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define KVPIPE_X86 1
+#endif
 #include <cstring>
 #include <vector>
 
@@ -76,40 +80,48 @@ int64_t encode_table(const int32_t* sym, int64_t n, const uint32_t* freq, const 
   return (buf + cap) - p;
 }
 
-// Decodes n symbols from n16 16-bit words; returns 0, or -1 when the stream runs out.
-int decode_table(const uint16_t* in, int64_t n16, int64_t n, const uint32_t* freq, const uint32_t* cum,
-                 const uint8_t* lut, uint8_t* out) {
+// Packed decode table, one u32 per 12-bit slot: bits 0-11 freq - 1, bits 12-23 slot - cum (the state bias),
+// bits 24-31 the symbol; one load per decoded symbol.
+void build_slots(const uint32_t* freq, const uint32_t* cum, int64_t alph, uint32_t* slots) {
+  for (int64_t v = 0; v < alph; ++v) {
+    const uint32_t base = (freq[v] - 1u) | (static_cast<uint32_t>(v) << 24);
+    for (uint32_t k = 0; k < freq[v]; ++k) slots[cum[v] + k] = base | (k << 12);
+  }
+}
+
+// Decodes n symbols from n16 16-bit words; returns 0, or -1 when the stream runs out. Renormalisation is
+// branchless (its outcome is data-dependent and mispredicts often): a state below kRansL takes the next word,
+// read from a zero word once the stream is exhausted, which is then reported as an error.
+int decode_table(const uint16_t* in, int64_t n16, int64_t n, const uint32_t* slots, uint8_t* out) {
   if (n16 < 8) return -1;
   uint32_t x[4];
   for (int j = 0; j < 4; ++j) x[j] = static_cast<uint32_t>(in[2 * j]) | (static_cast<uint32_t>(in[2 * j + 1]) << 16);
   const uint16_t* p = in + 8;
   const uint16_t* end = in + n16;
+  static const uint16_t zero = 0;
+  uint32_t overrun = 0;
+  auto step = [&](uint32_t& st, uint8_t* o) {
+    const uint32_t e = slots[st & (kProbScale - 1)];
+    *o = static_cast<uint8_t>(e >> 24);
+    st = ((e & 0xfffu) + 1u) * (st >> kProbBits) + ((e >> 12) & 0xfffu);
+    const uint32_t need = st < kRansL;
+    const uint32_t avail = p < end;
+    overrun |= need & (avail ^ 1u);
+    const uint16_t* src = avail ? p : &zero;
+    const uint32_t w = *src;
+    st = need ? ((st << 16) | w) : st;
+    p += need & avail;
+  };
   int64_t i = 0;
   // Main loop: four symbols per iteration, one per state (independent dependency chains).
   for (; i + 4 <= n; i += 4) {
-    for (int j = 0; j < 4; ++j) {
-      uint32_t slot = x[j] & (kProbScale - 1);
-      uint8_t s = lut[slot];
-      out[i + j] = s;
-      x[j] = freq[s] * (x[j] >> kProbBits) + slot - cum[s];
-      if (x[j] < kRansL) {
-        if (p == end) return -1;
-        x[j] = (x[j] << 16) | *p++;
-      }
-    }
+    step(x[0], out + i);
+    step(x[1], out + i + 1);
+    step(x[2], out + i + 2);
+    step(x[3], out + i + 3);
   }
-  for (; i < n; ++i) {
-    uint32_t& st = x[i & 3];
-    uint32_t slot = st & (kProbScale - 1);
-    uint8_t s = lut[slot];
-    out[i] = s;
-    st = freq[s] * (st >> kProbBits) + slot - cum[s];
-    if (st < kRansL) {
-      if (p == end) return -1;
-      st = (st << 16) | *p++;
-    }
-  }
-  return 0;
+  for (; i < n; ++i) step(x[i & 3], out + i);
+  return overrun ? -1 : 0;
 }
 
 }  // namespace
@@ -152,7 +164,7 @@ int64_t kvpipe_rans_decode(const uint32_t* words, const int64_t* seg_off, int64_
     const uint32_t* p = words + seg_off[s];
     const uint32_t* end = words + seg_off[s + 1];
     uint32_t freq[256], cum[256];
-    std::vector<uint8_t> lut(kProbScale);
+    std::vector<uint32_t> slots(kProbScale);
     for (int64_t k = 0; k < tables_per_seg; ++k) {
       int64_t t = s * tables_per_seg + k;
       if (p >= end) { err = -(s + 1); break; }
@@ -162,9 +174,11 @@ int64_t kvpipe_rans_decode(const uint32_t* words, const int64_t* seg_off, int64_
       if (counts[t] == 0) { p += nw; continue; }
       int64_t a = alph[t];
       if (a <= 0 || a > 256 || !normalize(freqs + freq_off[t], a, freq, cum)) { err = -(s + 1); break; }
-      for (int64_t v = 0; v < a; ++v) std::memset(lut.data() + cum[v], static_cast<int>(v), freq[v]);
-      if (decode_table(reinterpret_cast<const uint16_t*>(p), n16, counts[t], freq, cum, lut.data(),
-                       out + sym_off[t]) != 0) { err = -(s + 1); break; }
+      build_slots(freq, cum, a, slots.data());
+      if (decode_table(reinterpret_cast<const uint16_t*>(p), n16, counts[t], slots.data(), out + sym_off[t]) != 0) {
+        err = -(s + 1);
+        break;
+      }
       p += nw;
     }
     if (err == 0 && p != end) err = -(s + 1);
@@ -199,6 +213,40 @@ static inline uint16_t f32_to_bf16(float f) {
   return static_cast<uint16_t>(x >> 16);
 }
 
+#ifdef KVPIPE_X86
+// One row of tg dequantized values, 8 at a time with AVX2 (+ F16C for fp16). Multiply then add, never fused, so
+// the results are bit-identical to the scalar loop and to torch's path; hardware fp16 conversion rounds to
+// nearest even like f32_to_f16. Returns the number of elements done (a multiple of 8); the caller finishes.
+__attribute__((target("avx2,f16c"))) static int64_t dequant_row_avx2(const uint8_t* q, const float* sc,
+                                                                    const float* b, void* dst, int64_t n,
+                                                                    int out_dtype) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    __m128i q8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + j));
+    __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q8)), _mm256_loadu_ps(sc + j)),
+                             _mm256_loadu_ps(b + j));
+    if (out_dtype == 3) {
+      _mm256_storeu_ps(static_cast<float*>(dst) + j, v);
+    } else if (out_dtype == 1) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(dst) + j),
+                       _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    } else {
+      __m256i x = _mm256_castps_si256(v);
+      __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(1));
+      x = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(x, _mm256_set1_epi32(0x7fff)), lsb), 16);
+      __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(dst) + j), packed);
+    }
+  }
+  return j;
+}
+
+static bool have_avx2_f16c() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  return ok;
+}
+#endif
+
 int64_t kvpipe_cg_decode_lossy(const uint32_t* words, const int64_t* seg_off, int64_t nseg, int64_t tables_per_seg,
                                const int64_t* alph, const int64_t* counts, const uint16_t* freqs,
                                const int64_t* freq_off, int64_t T, int64_t C, int64_t G, int64_t tg, int64_t ah,
@@ -208,12 +256,16 @@ int64_t kvpipe_cg_decode_lossy(const uint32_t* words, const int64_t* seg_off, in
   const int64_t Ta = (T + G - 1) / G;
   const int64_t ng = C / tg;
   if (tables_per_seg != 1 + ng) return -1;
+#ifdef KVPIPE_X86
+  const bool simd = have_avx2_f16c();
+#endif
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) reduction(min : err)
   for (int64_t s = 0; s < nseg; ++s) {
     const uint32_t* p = words + seg_off[s];
     const uint32_t* end = words + seg_off[s + 1];
     uint32_t freq[256], cum[256];
-    std::vector<uint8_t> lut(kProbScale), abuf(static_cast<size_t>(Ta * C)), dbuf(static_cast<size_t>(T * tg));
+    std::vector<uint32_t> slots(kProbScale);
+    std::vector<uint8_t> abuf(static_cast<size_t>(Ta * C)), dbuf(static_cast<size_t>(T * tg));
     std::vector<float> bias_anchor(static_cast<size_t>(Ta * C)), bias_rest(static_cast<size_t>(Ta * C));
     const float* as = ascale + s * C;
     const float* ds = dscale + s * C;
@@ -231,9 +283,9 @@ int64_t kvpipe_cg_decode_lossy(const uint32_t* words, const int64_t* seg_off, in
       int64_t n = counts[t];
       if (n != (k == 0 ? Ta * C : T * tg) || a <= 0 || a > 256 ||
           !normalize(freqs + freq_off[t], a, freq, cum)) { ok = false; break; }
-      for (int64_t v = 0; v < a; ++v) std::memset(lut.data() + cum[v], static_cast<int>(v), freq[v]);
+      build_slots(freq, cum, a, slots.data());
       uint8_t* dst = k == 0 ? abuf.data() : dbuf.data();
-      if (decode_table(reinterpret_cast<const uint16_t*>(p), n16, n, freq, cum, lut.data(), dst) != 0) {
+      if (decode_table(reinterpret_cast<const uint16_t*>(p), n16, n, slots.data(), dst) != 0) {
         ok = false;
         break;
       }
@@ -256,15 +308,23 @@ int64_t kvpipe_cg_decode_lossy(const uint32_t* words, const int64_t* seg_off, in
         const float* sc = ds + c0;
         const uint8_t* q = dbuf.data() + tok * tg;
         const int64_t o = (s * T + tok) * C + c0;
+        int64_t j0 = 0;
+#ifdef KVPIPE_X86
+        if (simd) {
+          const size_t esz = out_dtype == 3 ? 4 : 2;
+          j0 = dequant_row_avx2(q, sc, b, static_cast<char*>(out) + o * static_cast<int64_t>(esz), tg, out_dtype);
+        }
+#endif
+        if (j0 == tg) continue;
         if (out_dtype == 3) {
           float* dstf = static_cast<float*>(out) + o;
-          for (int64_t j = 0; j < tg; ++j) dstf[j] = static_cast<float>(q[j]) * sc[j] + b[j];
+          for (int64_t j = j0; j < tg; ++j) dstf[j] = static_cast<float>(q[j]) * sc[j] + b[j];
         } else if (out_dtype == 1) {
           uint16_t* dsth = static_cast<uint16_t*>(out) + o;
-          for (int64_t j = 0; j < tg; ++j) dsth[j] = f32_to_f16(static_cast<float>(q[j]) * sc[j] + b[j]);
+          for (int64_t j = j0; j < tg; ++j) dsth[j] = f32_to_f16(static_cast<float>(q[j]) * sc[j] + b[j]);
         } else {
           uint16_t* dstb = static_cast<uint16_t*>(out) + o;
-          for (int64_t j = 0; j < tg; ++j) dstb[j] = f32_to_bf16(static_cast<float>(q[j]) * sc[j] + b[j]);
+          for (int64_t j = j0; j < tg; ++j) dstb[j] = f32_to_bf16(static_cast<float>(q[j]) * sc[j] + b[j]);
         }
       }
     }
