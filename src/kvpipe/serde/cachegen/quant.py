@@ -8,7 +8,8 @@ group is its *anchor*:
 
 * anchors are quantized symmetrically with ``2a+1`` levels and a per-channel scale (max |anchor| / a);
 * every token (anchors included, their residual is tiny) is then coded as a residual against a *reference*,
-  with ``2h+1`` levels and a per-channel scale (max |residual| / h). The reference is chosen per channel: the
+  with a per-channel step (values: max |residual| / h; keys: closer to uniform, see :func:`_steps`) and at most
+  ``2h+1`` levels. The reference is chosen per channel: the
   group's *reconstructed* anchor ``â`` (CacheGen's delta), or the channel's mid-range ``m`` over the chunk
   (centered direct coding), whichever leaves the smaller range. Measured on SmolLM2's KV (post-RoPE keys), the
   anchor delta has the smaller range in only ~11% of key channels and ~1% of value channels at ``G = 16`` (token
@@ -70,6 +71,7 @@ class Quantized:
     delta_scale: torch.Tensor  # bf16 [L, S, C]
     use_delta: torch.Tensor  # bool [L, S, C]: reference is the anchor (else the mid-range)
     mid: torch.Tensor  # bf16 [L, S, C]
+    half: torch.Tensor  # int64 [L, S]: delta half-widths used (symbols in [0, 2h])
 
 
 def _bf16_scale(amax: torch.Tensor, levels: torch.Tensor | float) -> torch.Tensor:
@@ -78,8 +80,10 @@ def _bf16_scale(amax: torch.Tensor, levels: torch.Tensor | float) -> torch.Tenso
     return torch.where(s.float() > 0, s, torch.ones_like(s))
 
 
-def quantize(x: torch.Tensor, half: torch.Tensor, anchor_group: int, anchor_half: int) -> Quantized:
-    """Quantize ``x`` ``[L, S, T, C]`` (any float dtype) with delta half-widths ``half`` ``[L, S]``.
+def quantize(x: torch.Tensor, half: torch.Tensor, anchor_group: int, anchor_half: int, key_alpha: float = 0.5,
+             step_scale: float = 1.05) -> Quantized:
+    """Quantize ``x`` ``[L, S, T, C]`` (any float dtype); ``half`` ``[L, S]``: the bin budget per (layer, plane)
+    as half-widths (the steps follow :func:`_steps`; the half-widths actually used are in the result).
 
     Works on the tokens padded to whole groups (the pad repeats the last token, which changes no range), viewed
     as ``[L, S, groups, G, C]`` so that anchors broadcast over their group without a gather (``index_select``
@@ -121,15 +125,39 @@ def quantize(x: torch.Tensor, half: torch.Tensor, anchor_group: int, anchor_half
         rng = torch.zeros((n_l, n_s, c), device=x.device)
         ref = a_hat
     rng = torch.maximum(rng, anchor_resid.abs().amax(dim=2))
-    half_f = half.to(device=x.device, dtype=torch.float32)
-    dscale = _bf16_scale(rng, half_f.unsqueeze(-1))
+    dscale, used_half = _steps(rng, half.to(device=x.device, dtype=torch.float32), key_alpha, step_scale)
     resid = xg.sub_(ref.unsqueeze(3))
     resid[:, :, :, 0, :] = anchor_resid
-    hb = half_f[:, :, None, None, None].expand(n_l, n_s, 1, 1, c)
+    hb = used_half.float()[:, :, None, None, None].expand(n_l, n_s, 1, 1, c)
     dq = resid.div_(dscale.float()[:, :, None, None, :]).round_()
     dq = torch.clamp_(dq, min=-hb, max=hb).add_(hb)
     return Quantized(anchor_sym=aq.add_(anchor_half), delta_sym=dq.view(n_l, n_s, ta * g, c)[:, :, :t],
-                     anchor_scale=ascale, delta_scale=dscale, use_delta=use_delta, mid=mid)
+                     anchor_scale=ascale, delta_scale=dscale, use_delta=use_delta, mid=mid, half=used_half)
+
+
+def _steps(rng: torch.Tensor, half: torch.Tensor, key_alpha: float, step_scale: float
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual step per channel (bf16 ``[L, S, C]``) and the half-width each (layer, plane) then needs.
+
+    The bin count ``2h+1`` of a (layer, plane) sets its typical step, ``g / h`` with ``g`` the geometric mean of
+    the channels' residual ranges; channel ``c`` gets ``step_scale * g / h * (range_c / g) ** alpha``. Values use
+    ``alpha = 1`` (step proportional to the range: every channel gets ``2h+1`` bins, as in CacheGen); keys use
+    ``key_alpha`` (0.5 by default): with entropy coding a narrow channel's extra bins cost bits while its error
+    is already small, and a wide (outlier) channel's step would be large, so steps closer to uniform spend the
+    bits where the error is. Measured on SmolLM2 (3 texts, 1536 positions, same ratio): mean KL 0.00095 ->
+    0.00082 with alpha_k 0.5 (0: 0.00074 but 2% larger; 0.75 and 1.5 worse). No channel gets more than 255 levels
+    (step >= range / 127); ``h`` is then what the widest channel needs, at most 127.
+    """
+    n_s = rng.shape[1]
+    alpha = torch.tensor([key_alpha, 1.0][:n_s], device=rng.device).view(1, n_s, 1)
+    r = rng.clamp_min(1e-30)
+    gmean = r.log().mean(dim=-1, keepdim=True).exp()
+    step = (step_scale * gmean / half.unsqueeze(-1)) * (r / gmean).pow(alpha)
+    # The bf16 rounding of the step may round down: keep a margin so range / step stays <= 127.
+    step = torch.maximum(step, rng * (1.01 / 127))
+    dscale = _bf16_scale(step, 1.0)
+    used = torch.ceil(rng / dscale.float() - 1e-4).amax(dim=-1).clamp_(1, 127).to(torch.int64)
+    return dscale, used
 
 
 def dequantize_into(out: torch.Tensor, anchor_sym: torch.Tensor, delta_sym: torch.Tensor, half: torch.Tensor,

@@ -135,7 +135,7 @@ class CacheGenSerde:
             sym_t[:, ta * c:].view(n_l, n_s, ng, t, tgroup).copy_(
                 q.delta_sym.unflatten(3, (ng, tgroup)).permute(0, 1, 3, 2, 4))
             sym = sym_t.cpu().reshape(-1).numpy()
-            half = half_t.reshape(-1).numpy().astype(np.uint8)
+            half = q.half.cpu().reshape(-1).numpy().astype(np.uint8)
             ascale = _bf16_bits(q.anchor_scale)
             dscale = _bf16_bits(q.delta_scale)
             mid = _bf16_bits(q.mid)
