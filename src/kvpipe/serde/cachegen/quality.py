@@ -31,6 +31,9 @@ class QualityReport:
     kl_max: float
     greedy_match: int
     greedy_len: int
+    miss_margins: tuple[float, ...] = ()
+    """For each disagreeing position, the reference's top-1 minus top-2 log-probability (nats): small values mean
+    near-ties that any perturbation (even a cast to bf16) may flip."""
 
 
 def prefill_kv(model: Any, ids: torch.Tensor) -> torch.Tensor:
@@ -100,7 +103,10 @@ def measure_quality(model: Any, context: torch.Tensor, continuation: torch.Tenso
     ref_lp = torch.log_softmax(ref_logits, dim=-1)
     got_lp = torch.log_softmax(got_logits, dim=-1)
     kl = (ref_lp.exp() * (ref_lp - got_lp)).sum(-1)
-    agree = (ref_logits.argmax(-1) == got_logits.argmax(-1)).float().mean().item()
+    same = ref_logits.argmax(-1) == got_logits.argmax(-1)
+    agree = same.float().mean().item()
+    top2 = ref_lp.topk(2, dim=-1).values
+    margins = tuple(round(m, 4) for m in (top2[:, 0] - top2[:, 1])[~same].tolist())
     # Greedy generation from the context alone: reference cache vs restored cache.
     with torch.no_grad():
         ref_cache = cache_from_chunks(kv, model.config)
@@ -114,4 +120,4 @@ def measure_quality(model: Any, context: torch.Tensor, continuation: torch.Tenso
     kl_mean = kl.mean().item()
     return QualityReport(positions=int(kl.numel()), top1_agreement=agree,
                          kl_mean=kl_mean if math.isfinite(kl_mean) else float("inf"),
-                         kl_max=kl.max().item(), greedy_match=match, greedy_len=greedy_steps)
+                         kl_max=kl.max().item(), greedy_match=match, greedy_len=greedy_steps, miss_margins=margins)
