@@ -53,8 +53,10 @@ SIXTEEN = SamplingParams(max_new_tokens=16, stop_token_ids=())  # greedy; never 
 SERDES = ("naive", "cachegen")
 
 
-def server_stats(port: int) -> dict[str, int]:
-    """The ``lm://`` server's ``STATS`` counters (``kvpipe_server_`` prefix dropped)."""
+def server_stats(port: int | None) -> dict[str, int]:
+    """The ``lm://`` server's ``STATS`` counters (``kvpipe_server_`` prefix dropped); none for a ``mock://`` link."""
+    if port is None:
+        return {}
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(Frame(Op.STATS, 1).to_bytes())
         buf = b""
@@ -90,7 +92,7 @@ def _remote_extra(cache: kvpipe.Cache) -> dict[str, float]:
     return dict(remote[0].extra) if remote else {}
 
 
-def bench_serde(model: Any, tok: Any, cfg: Config, port: int, ids: list[int], repeats: int,
+def bench_serde(model: Any, tok: Any, cfg: Config, port: int | None, ids: list[int], repeats: int,
                 plain_runs: list[float], plain_max: int, plain_tokens: tuple[int, ...]) -> dict[str, Any]:
     """Cold store then fresh-cache warm requests for one serde (``cfg.remote_serde``)."""
     s0 = server_stats(port)
@@ -163,7 +165,7 @@ def _elem(kv_dtype: str) -> int:
     return torch.empty((), dtype=dtype_from_name(kv_dtype)).element_size()
 
 
-def bench_size(model: Any, tok: Any, base: Config, port: int, n: int, repeats: int, plain_max: int
+def bench_size(model: Any, tok: Any, base: Config, port: int | None, n: int, repeats: int, plain_max: int
                ) -> dict[str, Any]:
     ids = build_prompt_ids(tok, n, system=f"You are a careful reader. Session {n}-{time.time_ns()}.")
     plain = CachedLM(model, tok, None)
@@ -180,6 +182,8 @@ def bench_size(model: Any, tok: Any, base: Config, port: int, n: int, repeats: i
         r["speedup_vs_plain_prefill"] = base_med / r["warm_remote"]["median_s"]
     nv, cg = out["serdes"]["naive"], out["serdes"]["cachegen"]
     out["cachegen_vs_naive"] = {
+        "bytes_ratio_tier_read": (nv["bytes"]["tier_bytes_read_one_warm_request"]
+                                  / max(1, cg["bytes"]["tier_bytes_read_one_warm_request"])),
         "bytes_ratio_server_put": nv["bytes"]["server_put"] / max(1, cg["bytes"]["server_put"]),
         "bytes_ratio_server_get": (nv["bytes"]["server_get_one_warm_request"]
                                    / max(1, cg["bytes"]["server_get_one_warm_request"])),
@@ -203,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch intra-op threads (default 1: on a shared busy machine it avoids OpenMP stalls)")
     p.add_argument("--out", type=Path, default=RESULTS / "cachegen_e2e.json")
     p.add_argument("--note", default="", help="free text stored in the JSON (e.g. machine load)")
+    p.add_argument("--link-gbps", help="instead of the lm:// server, a simulated bandwidth-limited remote "
+                   "(mock://, in-process) per comma-separated link speed in Gbit/s, e.g. 1,10")
+    p.add_argument("--latency-ms", type=float, default=0.5, help="per-call latency of the mock:// link")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -215,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
                           "model_name": f"bench-cg-e2e-{os.getpid()}"}
     if args.kv_dtype:
         kw["kv_dtype"] = args.kv_dtype
+    if args.link_gbps:
+        return _main_links(args, model, tok, kw, sizes, repeats, plain_max)
     workdir = Path(tempfile.mkdtemp(prefix="kvpipe-bench-cg-e2e-"))
     port = free_port()
     kvpipe_bin = shutil.which("kvpipe", path=str(Path(sys.executable).parent)) or shutil.which("kvpipe")
@@ -271,6 +280,48 @@ def main(argv: list[str] | None = None) -> int:
     tmp = args.out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(doc, indent=2) + "\n")
     tmp.replace(args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _main_links(args: argparse.Namespace, model: Any, tok: Any, kw: dict[str, Any], sizes: list[int], repeats: int,
+                plain_max: int) -> int:
+    """The bandwidth-limited case CacheGen is for: the remote is ``mock://`` with a set latency and bandwidth."""
+    CachedLM(model, tok, None).generate(build_prompt_ids(tok, 256), ONE)  # warm-up: one-time costs
+    load_before = loadavg()
+    t0 = time.perf_counter()
+    links = []
+    for gbps in [float(v) for v in args.link_gbps.split(",")]:
+        url = f"mock://bench-cg-e2e-{os.getpid()}-{gbps:g}?latency_ms={args.latency_ms:g}&bandwidth_gbps={gbps:g}"
+        base = cache_config_for(model, Config(remote_url=url, **kw))
+        results = []
+        for n in sizes:
+            r = bench_size(model, tok, base, None, n, repeats, plain_max)
+            results.append(r)
+            nv, cg = r["serdes"]["naive"], r["serdes"]["cachegen"]
+            print(f"{gbps:g} Gbit/s {n:>6} tokens: plain prefill {r['plain_full_prefill']['median_s']:.3f} s | warm "
+                  f"naive {nv['warm_remote']['median_s']:.3f} s, cachegen {cg['warm_remote']['median_s']:.3f} s | "
+                  f"read naive {nv['bytes']['tier_bytes_read_one_warm_request'] / 1e6:.1f} MB, cachegen "
+                  f"{cg['bytes']['tier_bytes_read_one_warm_request'] / 1e6:.1f} MB | 16-token agreement naive "
+                  f"{nv['agreement']['warm_equals_cold_16']}, cachegen {cg['agreement']['warm_equals_cold_16']}",
+                  flush=True)
+        links.append({"link_gbps": gbps, "latency_ms": args.latency_ms, "remote_url": url, "results": results})
+    load_after = loadavg()
+    doc = {
+        "benchmark": "cachegen_e2e_links",
+        "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized), fp32, CPU",
+        "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
+                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "config": {"chunk_size": 256, "sizes": sizes, "warm_repeats": repeats, "plain_repeats": plain_max,
+                   "remote": "mock:// (in-process store; each connector call sleeps latency + bytes / bandwidth)"},
+        "loadavg_before": load_before, "loadavg_after": load_after, "elapsed_s": round(time.perf_counter() - t0, 1),
+        "notes": ("Simulated link: kvpipe's mock:// connector, not a real network (none with a set bandwidth exists "
+                  "here). Calls that overlap sleep concurrently, so this is a per-call bandwidth model. Bytes = the "
+                  "remote tier's counters (payload). Warm TTFT as in cachegen_e2e.json. " + args.note).strip(),
+        "links": links,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0
 

@@ -1,7 +1,8 @@
 """CacheGen on the real model's KV (SmolLM2-135M-Instruct, CPU): size and next-token quality.
 
-Figures measured here (512-token context of the demo report, 128-token continuation): ratio ~3.5x vs fp16,
-top-1 agreement ~0.95, mean KL ~0.005 (plain int8: 2x, 0.98, 0.0002). The floors leave room for noise.
+Figures measured by benchmarks/bench_cachegen.py (fp32 reference, 3 texts, 1536 positions): ratio ~3.53x vs
+fp16, top-1 agreement ~0.987, mean KL ~0.0008 (plain int8: 2x, 0.992, 0.00023; an fp16 cast: 1.0, 0). On the
+128 positions used here a single near-tie flip is 0.8%, so the floors leave room for that noise.
 """
 
 from __future__ import annotations
@@ -68,8 +69,8 @@ def test_top1_agreement_floor(smol: tuple[Any, Any], report_ids: torch.Tensor) -
     r = measure_quality(model, report_ids[:, :512], report_ids[:, 512:640], _codec(CacheGenSerde(), sizes),
                         greedy_steps=4)
     assert r.positions == 128
-    assert r.top1_agreement >= 0.88
-    assert r.kl_mean < 0.03
+    assert r.top1_agreement >= 0.92
+    assert r.kl_mean < 0.005
     assert sizes
 
 
