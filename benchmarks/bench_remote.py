@@ -287,8 +287,10 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "remote", "quick": args.quick, "warmup": warmup,
         "host": {"cpus": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine(),
                  "loadavg_at_start": os.getloadavg()},
-        "note": "loopback, servers on the same host; taken on a busy shared 2-core machine (other agents were "
-                "running), so absolute figures are noisy; methods are interleaved round by round, compare ratios",
+        "note": "loopback, client and servers share the machine's 2 cores (see loadavg: other work on the machine "
+                "makes absolute figures noisy); methods are interleaved in rounds of 10 calls, compare ratios. "
+                "kvpipe PUTs include the xxh3_64 integrity checksum of the payload; the *_xxh3 baselines add it "
+                "to the raw clients",
         "sizes": {},
     }
     try:
