@@ -59,6 +59,18 @@ def release_all(objs: list[MemoryObj | None]) -> None:
             o.release()
 
 
+async def read_checked(tier: RemoteTier, keys: list[ChunkKey], seeds: list[int]) -> list[bool]:
+    """Which of ``keys`` hit; every hit must be the KV of its seed (``chunk_tensor(seed)``), else the test fails."""
+    got = await tier.get_many(keys)
+    try:
+        for g, i in zip(got, seeds, strict=True):
+            if g is not None:
+                assert torch.equal(g.tensor, chunk_tensor(i)), f"wrong KV for chunk {i}"
+    finally:
+        release_all(got)
+    return [g is not None for g in got]
+
+
 def url_for(kind: str, request: pytest.FixtureRequest) -> str:
     """The remote URL of ``kind`` (one of ``REMOTE_KINDS``), starting its session server on first use."""
     if kind == "redis":

@@ -9,13 +9,11 @@ import time
 
 import anyio
 import redis
-import torch
 from redis.crc import key_slot
-from remote_fixtures import chunk, chunk_tensor, key, make_ctx, open_tier, release_all
+from remote_fixtures import chunk, key, make_ctx, open_tier, read_checked
 from servers import ValkeyCluster, redis_command, replication_settled
 
 from kvpipe.keys import ChunkKey
-from kvpipe.tiers.remote import RemoteTier
 
 
 def _slot_owners(c: ValkeyCluster) -> dict[int, int]:
@@ -58,18 +56,6 @@ async def _all_settled(c: ValkeyCluster) -> None:
         await anyio.sleep(0.02)
 
 
-async def _read(tier: RemoteTier, keys: list[ChunkKey], seeds: list[int]) -> list[bool]:
-    """Which of ``keys`` hit; every hit must be the KV of its seed."""
-    got = await tier.get_many(keys)
-    try:
-        for g, i in zip(got, seeds, strict=True):
-            if g is not None:
-                assert torch.equal(g.tensor, chunk_tensor(i)), f"wrong KV for chunk {i}"
-    finally:
-        release_all(got)
-    return [g is not None for g in got]
-
-
 async def test_manual_failover_moved_refreshes_the_slot_map(cluster_replicas: ValkeyCluster, key_model: str
                                                             ) -> None:
     c = cluster_replicas
@@ -79,7 +65,7 @@ async def test_manual_failover_moved_refreshes_the_slot_map(cluster_replicas: Va
         seeds = list(range(24))
         assert await tier.put_many(keys, [chunk(i) for i in seeds]) == 24
         await _all_settled(c)
-        assert all(await _read(tier, keys, seeds))  # slot map cached, connections pooled
+        assert all(await read_checked(tier, keys, seeds))  # slot map cached, connections pooled
         owners = _slot_owners(c)
         old = owners[key_slot((keys[0].to_string() + "metadata").encode())]
         new = _replica_of(c, old)
@@ -90,9 +76,9 @@ async def test_manual_failover_moved_refreshes_the_slot_map(cluster_replicas: Va
             await anyio.sleep(0.05)
         # The first read meets MOVED on the pooled connection to the old master (at least for the header of
         # keys[0]): misses, not an error.
-        first = await _read(tier, keys, seeds)
+        first = await read_checked(tier, keys, seeds)
         assert not first[0]
-        assert all(await _read(tier, keys, seeds))  # the slot map was re-read
+        assert all(await read_checked(tier, keys, seeds))  # the slot map was re-read
         assert tier.available and tier.statistics().extra["down_events"] == 0
         assert owners != _slot_owners(c)
     finally:
@@ -108,7 +94,7 @@ async def test_master_killed_mid_stream(cluster_replicas: ValkeyCluster, key_mod
         seeds = [i % 50 for i in range(30)]
         assert await tier.put_many(before, [chunk(i) for i in seeds]) == 30
         await _all_settled(c)
-        assert all(await _read(tier, before, seeds))
+        assert all(await read_checked(tier, before, seeds))
         owners = _slot_owners(c)
         victim = max(c.master_ports(), key=lambda p: sum(p in _ports_of(k, owners) for k in before))
         on_victim = [k for k in before if victim in _ports_of(k, owners)]
@@ -126,8 +112,8 @@ async def test_master_killed_mid_stream(cluster_replicas: ValkeyCluster, key_mod
                 k = key(key_model, 1000 + i)
                 try:
                     await tier.put_many([k], [chunk(i % 50)])
-                    hit = (await _read(tier, [k], [i % 50]))[0]
-                    await _read(tier, before, seeds)
+                    hit = (await read_checked(tier, [k], [i % 50]))[0]
+                    await read_checked(tier, before, seeds)
                 except AssertionError:
                     raise
                 except BaseException as exc:  # anything else reaching the caller is a failure
@@ -151,7 +137,7 @@ async def test_master_killed_mid_stream(cluster_replicas: ValkeyCluster, key_mod
         assert victim_hits_after, "no hits on the failed master's slots after the failover"
         assert promoted in c.master_ports() and victim not in c.master_ports()
         # Entries written before the kill were replicated: they hit again, from the promoted replica.
-        assert all(await _read(tier, before, seeds))
+        assert all(await read_checked(tier, before, seeds))
         assert tier.available
     finally:
         await tier.aclose()

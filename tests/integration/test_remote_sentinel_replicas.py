@@ -14,7 +14,7 @@ import anyio
 import pytest
 import redis
 import torch
-from remote_fixtures import chunk, chunk_tensor, key, make_ctx, open_tier, release_all
+from remote_fixtures import chunk, chunk_tensor, key, make_ctx, open_tier, read_checked, release_all
 from servers import ValkeySentinel, redis_command, replication_settled
 
 from kvpipe.connectors.redis import RedisConnector
@@ -27,6 +27,11 @@ def _hits(port: int) -> int:
     """``keyspace_hits`` of the server on ``port`` (``INFO stats``)."""
     info = redis_command(port, "INFO", "stats").decode()
     return int(next(line for line in info.splitlines() if line.startswith("keyspace_hits:")).split(":")[1])
+
+
+async def _read_all(tier: RemoteTier, keys: list[ChunkKey], seeds: list[int]) -> int:
+    """How many of ``keys`` hit (each hit checked against its seed's KV)."""
+    return sum(await read_checked(tier, keys, seeds))
 
 
 async def _settled(master_port: int) -> None:
@@ -46,18 +51,6 @@ async def _wait_until(cond: Callable[[], bool], limit: float) -> bool:
     return cond()
 
 
-async def _read_all(tier: RemoteTier, keys: list[ChunkKey], seeds: list[int]) -> int:
-    """Read ``keys``; every hit must be the KV of its seed (wrong KV fails the test). Returns the hit count."""
-    got = await tier.get_many(keys)
-    try:
-        for g, i in zip(got, seeds, strict=True):
-            if g is not None:
-                assert torch.equal(g.tensor, chunk_tensor(i)), f"wrong KV for chunk {i}"
-    finally:
-        release_all(got)
-    return sum(g is not None for g in got)
-
-
 async def test_reads_are_served_by_the_replica(sentinel: ValkeySentinel, key_model: str) -> None:
     master, replica = sentinel.master.port, sentinel.replica.port
     assert sentinel.current_master_port() == master
@@ -69,7 +62,7 @@ async def test_reads_are_served_by_the_replica(sentinel: ValkeySentinel, key_mod
         await _settled(master)
         m0, r0 = _hits(master), _hits(replica)
         for _ in range(3):
-            assert await _read_all(tier, keys, list(range(6))) == 6
+            assert sum(await read_checked(tier, keys, list(range(6)))) == 6
         assert await tier.contains_many(keys) == [True] * 6
         m1, r1 = _hits(master), _hits(replica)
         assert m1 == m0, "a read went to the master"
@@ -150,11 +143,11 @@ async def test_dead_replica_reads_fall_back_to_the_master(fresh_sentinel: Valkey
         keys = [key(key_model, i) for i in range(4)]
         assert await tier.put_many(keys, [chunk(i) for i in range(4)]) == 4
         await _settled(topo.master.port)
-        assert await _read_all(tier, keys, list(range(4))) == 4  # from the replica (pooled connection)
+        assert sum(await read_checked(tier, keys, list(range(4)))) == 4  # from the replica (pooled connection)
         m0 = _hits(topo.master.port)
         await anyio.to_thread.run_sync(topo.replica.kill)
         for _ in range(3):
-            assert await _read_all(tier, keys, list(range(4))) == 4
+            assert sum(await read_checked(tier, keys, list(range(4)))) == 4
             assert await tier.contains_many(keys) == [True] * 4
         assert _hits(topo.master.port) - m0 >= 3 * 4 * 2
         s = tier.statistics()
@@ -199,16 +192,16 @@ async def test_failover_with_replica_reads(fresh_sentinel: ValkeySentinel, key_m
         before = [key(key_model, i) for i in range(5)]
         assert await tier.put_many(before, [chunk(i) for i in range(5)]) == 5
         await _settled(topo.master.port)
-        assert await _read_all(tier, before, list(range(5))) == 5
+        assert sum(await read_checked(tier, before, list(range(5)))) == 5
         await anyio.to_thread.run_sync(topo.master.kill)
         # The replica still answers reads while the master is gone (stale data is still validated).
-        assert await _read_all(tier, before, list(range(5))) == 5
+        assert sum(await read_checked(tier, before, list(range(5)))) == 5
         # Through the failover: misses and dropped stores allowed, never an exception or wrong KV.
         deadline = time.monotonic() + 40
         n, resumed = 100, False
         while time.monotonic() < deadline:
             n += 1
-            await _read_all(tier, before, list(range(5)))
+            sum(await read_checked(tier, before, list(range(5))))
             k = key(key_model, n)
             await tier.put_many([k], [chunk(n % 50)])
             if await _read_all(tier, [k], [n % 50]) == 1:
@@ -217,7 +210,7 @@ async def test_failover_with_replica_reads(fresh_sentinel: ValkeySentinel, key_m
             await anyio.sleep(0.05)
         assert resumed, "no hits after the failover"
         assert await _wait_until(lambda: topo.current_master_port() == topo.replica.port, 5)
-        assert await _read_all(tier, before, list(range(5))) == 5  # replicated before the failover
+        assert sum(await read_checked(tier, before, list(range(5)))) == 5  # replicated before the failover
         assert tier.statistics().extra["down_events"] >= 1
     finally:
         await tier.aclose()
