@@ -346,24 +346,16 @@ class RedisConnector:
             self._master = None
             raise TierUnavailable(f"{self._safe_url}: node is not the master of {self.master_name!r} (failover?)")
 
-    def _node(self, addr: _Addr) -> _Node:
-        node = self._nodes.get(addr)
+    def _node(self, addr: _Addr, replica: bool = False) -> _Node:
+        """The node (connection pool) of ``addr``; ``replica``: a Sentinel replica read from (no role check)."""
+        nodes = self._replica_nodes if replica else self._nodes
+        node = nodes.get(addr)
         if node is None:
             if self._closed:
                 raise TierUnavailable(f"{self._safe_url}: connector closed")
             pool = ConnectionPool(lambda: self._open(addr), max_connections=self.max_connections,
-                                  on_connect=self._setup)
-            node = self._nodes[addr] = _Node(addr, pool)
-        return node
-
-    def _replica_node(self, addr: _Addr) -> _Node:
-        node = self._replica_nodes.get(addr)
-        if node is None:
-            if self._closed:
-                raise TierUnavailable(f"{self._safe_url}: connector closed")
-            pool = ConnectionPool(lambda: self._open(addr), max_connections=self.max_connections,
-                                  on_connect=self._setup_replica)
-            node = self._replica_nodes[addr] = _Node(addr, pool, replica=True)
+                                  on_connect=self._setup_replica if replica else self._setup)
+            node = nodes[addr] = _Node(addr, pool, replica=replica)
         return node
 
     @asynccontextmanager
@@ -381,9 +373,9 @@ class RedisConnector:
     def _forget(self, node: _Node) -> None:
         """After a failure: drop the node's idle connections, and the master address / slot map that led to it."""
         node.pool.reset()
-        if node.replica:
-            pass  # left out by _replica_failed; the master state is not in question
-        elif self.mode == "sentinel":
+        if node.replica:  # left out by _replica_failed; the master state is not in question
+            return
+        if self.mode == "sentinel":
             self._master = None
         elif self.mode == "cluster":
             self._slots = None
@@ -474,7 +466,7 @@ class RedisConnector:
         if not usable:
             return None
         self._replica_turn += 1
-        return self._replica_node(usable[self._replica_turn % len(usable)])
+        return self._node(usable[self._replica_turn % len(usable)], replica=True)
 
     def _replica_failed(self, node: _Node, why: object) -> None:
         """Leave a failed replica out: 5 s, doubling for each failure in a row (a replica that hangs would
