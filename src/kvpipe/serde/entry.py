@@ -29,6 +29,7 @@ import xxhash
 
 from kvpipe.errors import CorruptEntry
 from kvpipe.keys import ChunkKey
+from kvpipe.native.checksum import xxh3_64
 
 __all__ = [
     "DTYPE_CODES",
@@ -84,8 +85,9 @@ def dtype_from_name(name: str) -> torch.dtype:
 
 
 def payload_checksum(payload: object) -> int:
-    """xxh3_64 of a bytes-like payload (a buffer; not copied)."""
-    return xxhash.xxh3_64_intdigest(payload)  # type: ignore[arg-type]
+    """xxh3_64 of a bytes-like payload (a buffer; not copied), computed without holding the GIL where the native
+    hasher is built (:mod:`kvpipe.native.checksum`)."""
+    return xxh3_64(payload)
 
 
 def payload_digest() -> xxhash.xxh3_64:
@@ -115,11 +117,13 @@ class EntryHeader:
 
     @classmethod
     def for_payload(cls, key: ChunkKey | str, serde: str, kv: torch.Tensor, num_tokens: int,
-                    payload: object, payload_len: int, flags: int = 0) -> EntryHeader:
-        """The header describing ``payload`` (the encoding of ``kv``) stored under ``key``."""
+                    payload: object, payload_len: int, flags: int = 0, checksum: int | None = None
+                    ) -> EntryHeader:
+        """The header describing ``payload`` (the encoding of ``kv``) stored under ``key``; ``checksum``: the
+        payload's, when the caller computed it already (``payload`` is then not read)."""
         return cls(serde=serde, dtype=kv.dtype, shape=tuple(kv.shape), num_tokens=num_tokens,
-                   payload_len=payload_len, checksum=payload_checksum(payload), key_fp=key_fingerprint(key),
-                   flags=flags)
+                   payload_len=payload_len, checksum=payload_checksum(payload) if checksum is None else checksum,
+                   key_fp=key_fingerprint(key), flags=flags)
 
     @property
     def tensor_nbytes(self) -> int:
