@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -118,11 +120,11 @@ def test_coder_alone_is_exact(coder: int) -> None:
     alph, counts = table_layout(MODE_LOSSY, 2, 2, 50, 12, 7, 4, 127, half)
     sym = np.concatenate([rng.integers(0, a, c, dtype=np.int32) for a, c in zip(alph, counts, strict=True)])
     sym[:100] = 0  # a skewed stretch
-    freqs, seg_words, words = encode_symbols(sym, alph, counts, 4, coder)
+    freqs, seg_words, words = encode_symbols(sym, alph, counts, 4, coder, MODE_LOSSY)
     cont = Container(mode=MODE_LOSSY, coder=coder, dtype_code=1, shape=(2, 2, 50, 3, 4), layers=2,
                      planes=2, tokens=50, channels=12, anchor_group=7, table_group=4, anchor_half=127, half=half,
-                     use_delta=np.zeros(48, np.uint8), anchor_scale=np.zeros(48, np.uint16),
-                     delta_scale=np.zeros(48, np.uint16), mid=np.zeros(48, np.uint16), freqs=freqs,
+                     use_delta=np.zeros(48, np.uint8), anchor_scale=np.zeros(48, np.uint8),
+                     delta_scale=np.zeros(48, np.uint8), mid=np.zeros(48, np.uint16), freqs=freqs,
                      seg_words=seg_words, words=words)
     back = Container.from_bytes(bytes(cont.to_bytes()))
     out = np.empty(len(sym), np.uint8 if coder == CODER_NATIVE else np.int32)
@@ -158,6 +160,46 @@ def test_container_roundtrip_fields() -> None:
     assert bytes(c.to_bytes()) == bytes(payload)
     lossless = Container.from_bytes(CacheGenSerde(lossless=True).encode(kv))
     assert lossless.mode == MODE_LOSSLESS and lossless.table_group == 2
+
+
+@pytest.mark.parametrize("coder", ["native", "constriction"])
+def test_version_1_entries_still_decode(coder: str) -> None:
+    """Containers written by the version-1 encoder (bf16 scales, byte flags, per-segment anchor tables; bytes
+    captured from it in tests/data) decode to exactly what the version-1 decoder produced."""
+    if coder == "native" and not native.available():
+        pytest.skip("native rANS coder did not build (no C++ compiler)")
+    data = np.load(Path(__file__).parent.parent / "data" / "cachegen_v1.npz", allow_pickle=False)
+    payload = data[f"payload_{coder}"].tobytes()
+    cont = Container.from_bytes(payload)
+    assert cont.version == 1 and cont.anchor_group == 16
+    out = torch.empty(data["input"].shape, dtype=torch.float16)
+    CacheGenSerde().decode_into(memoryview(payload), out)
+    assert np.array_equal(out.numpy(), data[f"decoded_{coder}"])
+    strided = torch.empty((2 * out.shape[0], *out.shape[1:]), dtype=torch.float16)[::2]
+    CacheGenSerde().decode_into(memoryview(payload), strided)  # the torch dequantization path
+    assert torch.allclose(strided.float(), out.float(), rtol=2e-3, atol=1e-6)
+    with pytest.raises(ValueError, match="version"):
+        cont.to_bytes()  # only the current version is written
+
+
+def test_version_2_side_information_is_smaller() -> None:
+    """v2 stores 8-bit scale codes, bit flags and one shared anchor table: the same KV takes fewer bytes than
+    its v1 entry, and every scale code's value is exactly what the encoder quantized with."""
+    data = np.load(Path(__file__).parent.parent / "data" / "cachegen_v1.npz", allow_pickle=False)
+    kv = torch.from_numpy(data["input"])
+    payload = CacheGenSerde(coder="constriction", anchor_group=16).encode(kv)
+    cont = Container.from_bytes(payload)
+    assert cont.version == 2 and cont.anchor_scale.dtype == np.uint8
+    assert len(payload) < len(data["payload_constriction"])
+    n_l, n_s, t, c = cont.layers, cont.planes, cont.tokens, cont.channels
+    assert cont.num_stored_tables() == 1 + n_l * n_s * (c // cont.table_group)
+    ascale, dscale, _ = cont.scales()
+    assert (ascale > 0).all() and (dscale > 0).all()
+    out, _ = _roundtrip(CacheGenSerde(anchor_group=16), kv)
+    # Every token is within half a residual step of the input (the residual steps bound the error).
+    err = (out.float() - kv.float()).abs().view(n_l, n_s, t, c)
+    bound = torch.from_numpy(dscale).view(n_l, n_s, 1, c) * 0.5 + kv.float().abs().view(n_l, n_s, t, c) * 1e-3
+    assert (err <= bound).all()
 
 
 def test_decode_into_wrong_target_is_corrupt() -> None:

@@ -27,51 +27,63 @@ logger = logging.getLogger(__name__)
 _FREQ_MAX = 0xFFFF
 
 
-def count_freqs(symbols: np.ndarray, alphabets: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Per-table symbol frequencies as one u16 array (tables concatenated), every used symbol ≥ 1.
+def count_freqs(symbols: np.ndarray, alphabets: np.ndarray, counts: np.ndarray, offsets: np.ndarray,
+                size: int) -> np.ndarray:
+    """Stored symbol frequencies as one u16 array of ``size`` entries; coding table ``t`` counts into
+    ``[offsets[t], offsets[t] + alphabets[t])`` (tables that share an offset share one table). Every used symbol
+    keeps a count ≥ 1.
 
     Counts above 65535 are rescaled (the models only need proportions); a symbol that occurs keeps a nonzero
     frequency so it stays encodable under any coder.
+
+    :raises ValueError: when a symbol is outside its table (a caller bug).
     """
-    out = np.empty(int(alphabets.sum()), np.uint16)
+    acc = np.zeros(size, np.int64)
     pos = 0
-    fpos = 0
-    for alph, cnt in zip(alphabets.tolist(), counts.tolist(), strict=True):
+    for alph, cnt, off in zip(alphabets.tolist(), counts.tolist(), offsets.tolist(), strict=True):
         hist = np.bincount(symbols[pos:pos + cnt], minlength=alph)
         if len(hist) != alph:
             raise ValueError(f"symbol out of range for a table of {alph} symbols")
-        top = int(hist.max()) if cnt else 0
+        acc[off:off + alph] += hist
+        pos += cnt
+    out = np.empty(size, np.uint16)
+    for off, alph in sorted(set(zip(offsets.tolist(), alphabets.tolist(), strict=True))):
+        hist = acc[off:off + alph]
+        top = int(hist.max()) if alph else 0
         if top > _FREQ_MAX:
             scaled = (hist * (_FREQ_MAX / top)).astype(np.int64)
             hist = np.where(hist > 0, np.maximum(scaled, 1), 0)
-        out[fpos:fpos + alph] = hist
-        pos += cnt
-        fpos += alph
+        out[off:off + alph] = hist
     return out
 
 
-def _models(freqs: np.ndarray, alphabets: np.ndarray) -> list[object]:
+def _models(freqs: np.ndarray, alphabets: np.ndarray, offsets: np.ndarray) -> list[object]:
     import constriction
 
     categorical = constriction.stream.model.Categorical
     models: list[object] = []
-    fpos = 0
-    for alph in alphabets.tolist():
-        f = freqs[fpos:fpos + alph].astype(np.float64)
-        if not f.any():
-            # An empty table (zero symbols) still needs a valid model; it is never used to code anything.
-            f[0] = 1.0
-        models.append(categorical(f, perfect=False))
-        fpos += alph
+    cache: dict[tuple[int, int], object] = {}
+    for alph, off in zip(alphabets.tolist(), offsets.tolist(), strict=True):
+        key = (off, alph)
+        if key not in cache:
+            f = freqs[off:off + alph].astype(np.float64)
+            if len(f) != alph:
+                raise ValueError(f"probability table at {off} runs past the stored tables")
+            if not f.any():
+                # An empty table (zero symbols) still needs a valid model; it is never used to code anything.
+                f[0] = 1.0
+            cache[key] = categorical(f, perfect=False)
+        models.append(cache[key])
     return models
 
 
 def encode_constriction(symbols: np.ndarray, alphabets: np.ndarray, counts: np.ndarray, freqs: np.ndarray,
-                        num_segments: int) -> tuple[np.ndarray, np.ndarray]:
-    """Code ``symbols`` (int32, table order) into ``(words per segment u32, words u32)``."""
+                        offsets: np.ndarray, num_segments: int) -> tuple[np.ndarray, np.ndarray]:
+    """Code ``symbols`` (int32, table order) into ``(words per segment u32, words u32)``; table ``t``'s model is
+    ``freqs[offsets[t]:offsets[t] + alphabets[t]]``."""
     import constriction
 
-    models = _models(freqs, alphabets)
+    models = _models(freqs, alphabets, offsets)
     per = len(alphabets) // num_segments
     starts = np.concatenate(([0], np.cumsum(counts)))
     streams: list[np.ndarray] = []
@@ -88,7 +100,7 @@ def encode_constriction(symbols: np.ndarray, alphabets: np.ndarray, counts: np.n
 
 
 def decode_constriction(seg_words: np.ndarray, words: np.ndarray, alphabets: np.ndarray, counts: np.ndarray,
-                        freqs: np.ndarray, out: np.ndarray) -> None:
+                        freqs: np.ndarray, offsets: np.ndarray, out: np.ndarray) -> None:
     """Decode every segment into ``out`` (int32, table order, preallocated).
 
     :raises CorruptEntry: when a stream cannot be decoded with its tables.
@@ -96,7 +108,7 @@ def decode_constriction(seg_words: np.ndarray, words: np.ndarray, alphabets: np.
     import constriction
 
     try:
-        models = _models(freqs, alphabets)
+        models = _models(freqs, alphabets, offsets)
     except (ValueError, TypeError, OverflowError) as e:  # constriction rejects impossible tables
         raise CorruptEntry(f"cachegen probability table rejected: {e}") from None
     num_segments = len(seg_words)

@@ -111,9 +111,10 @@ def _offsets(sizes: np.ndarray) -> np.ndarray:
     return np.concatenate(([0], np.cumsum(sizes, dtype=np.int64))).astype(np.int64)
 
 
-def encode(sym: np.ndarray, alphabets: np.ndarray, counts: np.ndarray, freqs: np.ndarray,
+def encode(sym: np.ndarray, alphabets: np.ndarray, counts: np.ndarray, freqs: np.ndarray, freq_off: np.ndarray,
            num_segments: int) -> tuple[np.ndarray, np.ndarray]:
-    """Code int32 ``sym`` (table order) into ``(words per segment u32, words u32)``.
+    """Code int32 ``sym`` (table order) into ``(words per segment u32, words u32)``; table ``t``'s frequencies
+    start at ``freqs[freq_off[t]]``.
 
     :raises ValueError: when a symbol is outside its table (a caller bug).
     """
@@ -125,7 +126,7 @@ def encode(sym: np.ndarray, alphabets: np.ndarray, counts: np.ndarray, freqs: np
     cnt = np.ascontiguousarray(counts, np.int64)
     freqs = np.ascontiguousarray(freqs, np.uint16)
     sym_off = _offsets(cnt)[:-1].copy()
-    freq_off = _offsets(alph)[:-1].copy()
+    freq_off = np.ascontiguousarray(freq_off, np.int64)
     rec_cap = (cnt + 8) // 2 + 8  # ≤ one 16-bit word per symbol, + 4 states, + the length word
     rec_off_all = _offsets(rec_cap)
     out = np.empty(int(rec_off_all[-1]), np.uint32)
@@ -144,7 +145,7 @@ def encode(sym: np.ndarray, alphabets: np.ndarray, counts: np.ndarray, freqs: np
 
 
 def decode(seg_words: np.ndarray, words: np.ndarray, alphabets: np.ndarray, counts: np.ndarray,
-           freqs: np.ndarray, out: np.ndarray) -> None:
+           freqs: np.ndarray, freq_off: np.ndarray, out: np.ndarray) -> None:
     """Decode every segment into ``out`` (uint8, table order, preallocated).
 
     :raises CorruptEntry: when a stream is inconsistent with its tables.
@@ -163,7 +164,7 @@ def decode(seg_words: np.ndarray, words: np.ndarray, alphabets: np.ndarray, coun
     # Every array passed by address is held in a local until the call returns (a temporary would be freed).
     seg_off = _offsets(np.asarray(seg_words, np.int64))
     sym_off = _offsets(cnt)[:-1].copy()
-    freq_off = _offsets(alph)[:-1].copy()
+    freq_off = np.ascontiguousarray(freq_off, np.int64)
     nseg = len(seg_words)
     rc = lib.kvpipe_rans_decode(_ptr(words), _ptr(seg_off), nseg, len(cnt) // nseg, _ptr(alph), _ptr(sym_off),
                                 _ptr(cnt), _ptr(freqs), _ptr(freq_off), _ptr(out), _threads())
@@ -174,8 +175,8 @@ def decode(seg_words: np.ndarray, words: np.ndarray, alphabets: np.ndarray, coun
 _OUT_DTYPES = {"float16": 1, "bfloat16": 2, "float32": 3}
 
 
-def decode_lossy_into(cont: Any, alphabets: np.ndarray, counts: np.ndarray, ascale: np.ndarray,
-                      dscale: np.ndarray, mid: np.ndarray, out_ptr: int, out_dtype: str) -> None:
+def decode_lossy_into(cont: Any, alphabets: np.ndarray, counts: np.ndarray, freq_off: np.ndarray,
+                      ascale: np.ndarray, dscale: np.ndarray, mid: np.ndarray, out_ptr: int, out_dtype: str) -> None:
     """Fused entropy decode + dequantization of a lossy native container into a contiguous CPU tensor's memory
     (``[L, S, T, C]``, ``out_dtype`` one of float16/bfloat16/float32); scales and mid-ranges as fp32 arrays.
 
@@ -191,7 +192,7 @@ def decode_lossy_into(cont: Any, alphabets: np.ndarray, counts: np.ndarray, asca
     alph = np.ascontiguousarray(alphabets, np.int64)
     cnt = np.ascontiguousarray(counts, np.int64)
     freqs = np.ascontiguousarray(cont.freqs, np.uint16)
-    freq_off = _offsets(alph)[:-1].copy()
+    freq_off = np.ascontiguousarray(freq_off, np.int64)
     half = np.ascontiguousarray(cont.half, np.uint8)
     use_delta = np.ascontiguousarray(cont.use_delta, np.uint8)
     ascale = np.ascontiguousarray(ascale, np.float32)

@@ -1,7 +1,9 @@
 """CacheGen's lossy stage: anchor/delta quantization along tokens, with per-layer bin counts.
 
 Everything here is torch on the tensor's own device (CPU or CUDA), so the GPU path is the same code; only the
-entropy coder runs on the host. All arithmetic is fp32, the stored scales are bf16 (fp32's range at 2 bytes).
+entropy coder runs on the host. All arithmetic is fp32; anchor scales and residual steps are stored as 8-bit
+log-domain codes (1/8 octave apart, :func:`kvpipe.serde.cachegen.container.scale_values`) and the quantizer uses
+the coded values, mid-ranges as bf16.
 
 For each layer ``l`` and plane ``s`` (K or V) the tokens are cut into groups of ``G``; the first token of each
 group is its *anchor*:
@@ -25,9 +27,18 @@ group is its *anchor*:
 
 from __future__ import annotations
 
+import math
+
 import attrs
 import numpy as np
 import torch
+
+from kvpipe.serde.cachegen.container import (
+    SCALE_BASE_MAX,
+    SCALE_BASE_MIN,
+    SCALE_CODES_PER_OCTAVE,
+    scale_values,
+)
 
 __all__ = ["Quantized", "default_bins", "dequantize_into", "quantize"]
 
@@ -67,17 +78,34 @@ class Quantized:
 
     anchor_sym: torch.Tensor  # fp32 integral [L, S, Ta, C], values in [0, 2a]
     delta_sym: torch.Tensor  # fp32 integral [L, S, T, C] (a view of padded storage), values in [0, 2h_ls]
-    anchor_scale: torch.Tensor  # bf16 [L, S, C]
-    delta_scale: torch.Tensor  # bf16 [L, S, C]
+    anchor_code: torch.Tensor  # uint8 [L, S, C]: anchor scale codes
+    delta_code: torch.Tensor  # uint8 [L, S, C]: residual step codes
+    scale_base: int  # exponent base of the codes
     use_delta: torch.Tensor  # bool [L, S, C]: reference is the anchor (else the mid-range)
     mid: torch.Tensor  # bf16 [L, S, C]
     half: torch.Tensor  # int64 [L, S]: delta half-widths used (symbols in [0, 2h])
 
 
-def _bf16_scale(amax: torch.Tensor, levels: torch.Tensor | float) -> torch.Tensor:
-    s = (amax / levels).to(torch.bfloat16)
-    # A constant channel (or one whose scale underflows bf16) gets scale 1: its symbols are all zero anyway.
-    return torch.where(s.float() > 0, s, torch.ones_like(s))
+class _Scales:
+    """8-bit log-domain scale codes for one chunk: code ``k`` is ``2 ** ((k + base) / 8)``, the base chosen so
+    that the largest code covers 4x the chunk's largest magnitude (no scale can need more: a step above the
+    whole range is never chosen) and the smallest is 32 octaves below it."""
+
+    def __init__(self, amax: float, device: torch.device) -> None:
+        top = max(4.0 * amax, 2.0 ** -100)
+        base = math.ceil(SCALE_CODES_PER_OCTAVE * math.log2(top)) - 255
+        self.base = min(max(base, SCALE_BASE_MIN), SCALE_BASE_MAX)
+        self.values = torch.from_numpy(scale_values(self.base)).to(device)
+
+    def code(self, target: torch.Tensor, *, up: bool = False) -> torch.Tensor:
+        """Codes (int64) nearest to ``target`` in the log domain, or the smallest codes at least ``target``;
+        zero or tiny targets get code 0 (a constant channel's symbols are all zero anyway)."""
+        lg = torch.log2(target.clamp_min(1e-38)) * SCALE_CODES_PER_OCTAVE - self.base
+        k = torch.ceil(lg - 1e-3) if up else torch.round(lg)
+        k = k.clamp_(0, 255).to(torch.int64)
+        if up:  # guard the log's rounding: the coded value must not fall below the target
+            k = torch.where(self.values[k] < target, (k + 1).clamp_(max=255), k)
+        return k
 
 
 def quantize(x: torch.Tensor, half: torch.Tensor, anchor_group: int, anchor_half: int, key_alpha: float = 0.5,
@@ -97,10 +125,11 @@ def quantize(x: torch.Tensor, half: torch.Tensor, anchor_group: int, anchor_half
     if ta * g > t:
         xp[:, :, t:] = xp[:, :, t - 1:t]
     torch.nan_to_num(xp, nan=0.0, posinf=_CLAMP, neginf=-_CLAMP, out=xp).clamp_(-_CLAMP, _CLAMP)
+    scales = _Scales(float(xp.abs().amax()), x.device)
     xg = xp.view(n_l, n_s, ta, g, c)
     anchors = xg[:, :, :, 0, :]
-    ascale = _bf16_scale(anchors.abs().amax(dim=2), float(anchor_half))
-    ascale_f = ascale.float().unsqueeze(2)
+    acode = scales.code(anchors.abs().amax(dim=2) / float(anchor_half), up=True)
+    ascale_f = scales.values[acode].unsqueeze(2)
     aq = torch.round(anchors / ascale_f).clamp_(-anchor_half, anchor_half)
     a_hat = aq * ascale_f  # [L, S, ta, C]
     anchor_resid = anchors - a_hat
@@ -125,19 +154,20 @@ def quantize(x: torch.Tensor, half: torch.Tensor, anchor_group: int, anchor_half
         rng = torch.zeros((n_l, n_s, c), device=x.device)
         ref = a_hat
     rng = torch.maximum(rng, anchor_resid.abs().amax(dim=2))
-    dscale, used_half = _steps(rng, half.to(device=x.device, dtype=torch.float32), key_alpha, step_scale)
+    dcode, used_half = _steps(rng, half.to(device=x.device, dtype=torch.float32), key_alpha, step_scale, scales)
     resid = xg.sub_(ref.unsqueeze(3))
     resid[:, :, :, 0, :] = anchor_resid
     hb = used_half.float()[:, :, None, None, None].expand(n_l, n_s, 1, 1, c)
-    dq = resid.div_(dscale.float()[:, :, None, None, :]).round_()
+    dq = resid.div_(scales.values[dcode][:, :, None, None, :]).round_()
     dq = torch.clamp_(dq, min=-hb, max=hb).add_(hb)
     return Quantized(anchor_sym=aq.add_(anchor_half), delta_sym=dq.view(n_l, n_s, ta * g, c)[:, :, :t],
-                     anchor_scale=ascale, delta_scale=dscale, use_delta=use_delta, mid=mid, half=used_half)
+                     anchor_code=acode.to(torch.uint8), delta_code=dcode.to(torch.uint8), scale_base=scales.base,
+                     use_delta=use_delta, mid=mid, half=used_half)
 
 
-def _steps(rng: torch.Tensor, half: torch.Tensor, key_alpha: float, step_scale: float
+def _steps(rng: torch.Tensor, half: torch.Tensor, key_alpha: float, step_scale: float, scales: _Scales
            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Residual step per channel (bf16 ``[L, S, C]``) and the half-width each (layer, plane) then needs.
+    """Residual step code per channel (int64 ``[L, S, C]``) and the half-width each (layer, plane) then needs.
 
     The bin count ``2h+1`` of a (layer, plane) sets its typical step, ``g / h`` with ``g`` the geometric mean of
     the channels' residual ranges; channel ``c`` gets ``step_scale * g / h * (range_c / g) ** alpha``. Values use
@@ -153,11 +183,10 @@ def _steps(rng: torch.Tensor, half: torch.Tensor, key_alpha: float, step_scale: 
     r = rng.clamp_min(1e-30)
     gmean = r.log().mean(dim=-1, keepdim=True).exp()
     step = (step_scale * gmean / half.unsqueeze(-1)) * (r / gmean).pow(alpha)
-    # The bf16 rounding of the step may round down: keep a margin so range / step stays <= 127.
-    step = torch.maximum(step, rng * (1.01 / 127))
-    dscale = _bf16_scale(step, 1.0)
-    used = torch.ceil(rng / dscale.float() - 1e-4).amax(dim=-1).clamp_(1, 127).to(torch.int64)
-    return dscale, used
+    # The nearest code, but never below what keeps range / step <= 127.
+    code = torch.maximum(scales.code(step), scales.code(rng * (1.0 / 127), up=True))
+    used = torch.ceil(rng / scales.values[code] - 1e-4).amax(dim=-1).clamp_(1, 127).to(torch.int64)
+    return code, used
 
 
 def dequantize_into(out: torch.Tensor, anchor_sym: torch.Tensor, delta_sym: torch.Tensor, half: torch.Tensor,

@@ -15,9 +15,11 @@ from kvpipe.serde.cachegen import coder as _coder
 from kvpipe.serde.cachegen.container import (
     CODER_CONSTRICTION,
     CODER_NATIVE,
+    CONTAINER_VERSION,
     MODE_LOSSLESS,
     MODE_LOSSY,
     Container,
+    freq_offsets,
     table_layout,
 )
 from kvpipe.serde.cachegen.quant import default_bins, dequantize_into, quantize
@@ -119,9 +121,9 @@ class CacheGenSerde:
             # Byte planes [L, S, E, T, C]: each plane of each (layer, K/V) gets its own table.
             planes = x.contiguous().view(torch.uint8).view(n_l, n_s, t, c, esize).permute(0, 1, 4, 2, 3)
             sym = planes.to(torch.int32).cpu().reshape(-1).numpy()
-            half = use_delta = np.empty(0, np.uint8)
-            ascale = dscale = mid = np.empty(0, np.uint16)
-            group, tgroup, ahalf = 1, esize, 1
+            half = use_delta = ascale = dscale = np.empty(0, np.uint8)
+            mid = np.empty(0, np.uint16)
+            group, tgroup, ahalf, sbase = 1, esize, 1, 0
         else:
             group, ahalf = self.anchor_group, self.anchor_bins // 2
             tgroup = self._table_group(kv)
@@ -136,18 +138,18 @@ class CacheGenSerde:
                 q.delta_sym.unflatten(3, (ng, tgroup)).permute(0, 1, 3, 2, 4))
             sym = sym_t.cpu().reshape(-1).numpy()
             half = q.half.cpu().reshape(-1).numpy().astype(np.uint8)
-            ascale = _bf16_bits(q.anchor_scale)
-            dscale = _bf16_bits(q.delta_scale)
+            ascale = q.anchor_code.cpu().reshape(-1).numpy()
+            dscale = q.delta_code.cpu().reshape(-1).numpy()
+            sbase = q.scale_base
             mid = _bf16_bits(q.mid)
             use_delta = q.use_delta.to(torch.uint8).cpu().reshape(-1).numpy()
         mode = MODE_LOSSLESS if self.lossless else MODE_LOSSY
         alph, counts = table_layout(mode, n_l, n_s, t, c, group, tgroup, ahalf, half)
-        freqs, seg_words, words = encode_symbols(sym, alph, counts, n_l * n_s, coder)
+        freqs, seg_words, words = encode_symbols(sym, alph, counts, n_l * n_s, coder, mode)
         cont = Container(mode=mode, coder=coder, dtype_code=DTYPE_CODES[kv.dtype], shape=tuple(kv.shape),
                          layers=n_l, planes=n_s, tokens=t, channels=c, anchor_group=group, table_group=tgroup,
                          anchor_half=ahalf, half=half, use_delta=use_delta, anchor_scale=ascale, delta_scale=dscale,
-                         mid=mid, freqs=freqs,
-                         seg_words=seg_words, words=words)
+                         mid=mid, freqs=freqs, seg_words=seg_words, words=words, scale_base=sbase)
         return memoryview(cont.to_bytes())
 
     def _table_group(self, kv: torch.Tensor) -> int:
@@ -176,16 +178,16 @@ class CacheGenSerde:
                                f"not {tuple(out.shape)}/{out.dtype}")
         n_l, n_s, t, c = cont.layers, cont.planes, cont.tokens, cont.channels
         alph, counts = cont.table_layout()
+        freq_off = cont.freq_offsets()
+        if cont.mode == MODE_LOSSY:
+            ascale, dscale, mid = cont.scales()
         if (cont.mode == MODE_LOSSY and cont.coder == CODER_NATIVE and out.device.type == "cpu"
                 and out.is_contiguous()):
             # One fused pass in C++: entropy decode, dequantize, convert to the output dtype.
             from kvpipe.serde.cachegen import native
 
-            def f32(bits: np.ndarray) -> np.ndarray:
-                return _from_bf16_bits(bits, n_l, n_s, c).float().reshape(-1).numpy()
-
-            native.decode_lossy_into(cont, alph, counts, f32(cont.anchor_scale), f32(cont.delta_scale),
-                                     f32(cont.mid), out.data_ptr(), str(out.dtype).removeprefix("torch."))
+            native.decode_lossy_into(cont, alph, counts, freq_off, ascale, dscale, mid, out.data_ptr(),
+                                     str(out.dtype).removeprefix("torch."))
             return
         sym = np.empty(int(counts.sum()), np.uint8 if cont.coder == CODER_NATIVE else np.int32)
         decode_symbols(cont, alph, counts, sym)
@@ -208,18 +210,13 @@ class CacheGenSerde:
             # Symbols fit a byte: ship a quarter of the bytes to the device, laid out there.
             deltas = deltas.to(torch.uint8).to(out.device, non_blocking=True)
         dequantize_into(out, anchors, deltas, torch.from_numpy(cont.half.astype(np.int64)).view(n_l, n_s),
-                        _from_bf16_bits(cont.anchor_scale, n_l, n_s, c),
-                        _from_bf16_bits(cont.delta_scale, n_l, n_s, c),
+                        torch.from_numpy(ascale).view(n_l, n_s, c), torch.from_numpy(dscale).view(n_l, n_s, c),
                         torch.from_numpy(cont.use_delta.astype(np.bool_)).view(n_l, n_s, c),
-                        _from_bf16_bits(cont.mid, n_l, n_s, c), cont.anchor_group, cont.anchor_half)
+                        torch.from_numpy(mid).view(n_l, n_s, c), cont.anchor_group, cont.anchor_half)
 
 
 def _bf16_bits(t: torch.Tensor) -> np.ndarray:
     return t.contiguous().cpu().reshape(-1).view(torch.int16).numpy().view(np.uint16)
-
-
-def _from_bf16_bits(bits: np.ndarray, n_l: int, n_s: int, c: int) -> torch.Tensor:
-    return torch.from_numpy(bits.view(np.int16).copy()).view(torch.bfloat16).view(n_l, n_s, c)
 
 
 def _native_available() -> bool:
@@ -229,15 +226,17 @@ def _native_available() -> bool:
 
 
 def encode_symbols(sym: np.ndarray, alphabets: np.ndarray, counts: np.ndarray, num_segments: int,
-                   coder: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Entropy-code int32 symbols in table order: ``(freqs u16, words per segment u32, words u32)``."""
-    freqs = _coder.count_freqs(sym, alphabets, counts)
+                   coder: int, mode: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Entropy-code int32 symbols in table order: ``(freqs u16, words per segment u32, words u32)``, with the
+    current container version's table sharing (:func:`.container.freq_offsets`)."""
+    offsets, size, _ = freq_offsets(CONTAINER_VERSION, mode, alphabets, num_segments)
+    freqs = _coder.count_freqs(sym, alphabets, counts, offsets, size)
     if coder == CODER_NATIVE:
         from kvpipe.serde.cachegen import native
 
-        seg_words, words = native.encode(sym, alphabets, counts, freqs, num_segments)
+        seg_words, words = native.encode(sym, alphabets, counts, freqs, offsets, num_segments)
     elif coder == CODER_CONSTRICTION:
-        seg_words, words = _coder.encode_constriction(sym, alphabets, counts, freqs, num_segments)
+        seg_words, words = _coder.encode_constriction(sym, alphabets, counts, freqs, offsets, num_segments)
     else:
         raise ValueError(f"unsupported cachegen coder id {coder}")
     return freqs, seg_words, words
@@ -248,12 +247,13 @@ def decode_symbols(cont: Container, alphabets: np.ndarray, counts: np.ndarray, o
 
     :raises CorruptEntry: when the streams do not decode, or need a coder that is not available here.
     """
+    offsets = cont.freq_offsets()
     if cont.coder == CODER_NATIVE:
         from kvpipe.serde.cachegen import native
 
-        native.decode(cont.seg_words, cont.words, alphabets, counts, cont.freqs, out)
+        native.decode(cont.seg_words, cont.words, alphabets, counts, cont.freqs, offsets, out)
         return
-    _coder.decode_constriction(cont.seg_words, cont.words, alphabets, counts, cont.freqs, out)
+    _coder.decode_constriction(cont.seg_words, cont.words, alphabets, counts, cont.freqs, offsets, out)
 
 
 def create_cachegen_serde(config: Any) -> CacheGenSerde:
