@@ -165,6 +165,13 @@ def _elem(kv_dtype: str) -> int:
     return torch.empty((), dtype=dtype_from_name(kv_dtype)).element_size()
 
 
+def base_config(model: Any, remote_url: str, kw: dict[str, Any]) -> Config:
+    """The cache config for ``model``: ``kw`` applied as explicit arguments, so that ``cache_config_for`` fills
+    only what was left at its default (a plain ``Config(kv_dtype=...)`` records no source, and
+    ``cache_config_for`` used to replace that ``kv_dtype`` with the model's, silently ignoring ``--kv-dtype``)."""
+    return cache_config_for(model, Config().replace(remote_url=remote_url, **kw))
+
+
 def bench_size(model: Any, tok: Any, base: Config, port: int | None, n: int, repeats: int, plain_max: int
                ) -> dict[str, Any]:
     ids = build_prompt_ids(tok, n, system=f"You are a careful reader. Session {n}-{time.time_ns()}.")
@@ -202,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, help="fresh-cache warm runs per size and serde (default 5, quick 3)")
     p.add_argument("--plain-repeats", type=int,
                    help="no-kvpipe full prefills per size, the baseline (default 3, quick 1; at most 1 + serdes)")
-    p.add_argument("--kv-dtype", help="KV dtype of the cache (default: the model's, fp32)")
+    p.add_argument("--kv-dtype", help="KV dtype stored in the cache (default: the model's, fp32); the transformers "
+                   "path converts the model's KV to it on store and back on restore")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (default 1: on a shared busy machine it avoids OpenMP stalls)")
     p.add_argument("--out", type=Path, default=RESULTS / "cachegen_e2e.json")
@@ -233,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                     os.environ.get("PYTHONPATH")]))}
     server = LmServerProc(argv_srv, port, workdir, "kvpipe-server", env=env).start()
     try:
-        base = cache_config_for(model, Config(remote_url=server.url, **kw))
+        base = base_config(model, server.url, kw)
         CachedLM(model, tok, None).generate(build_prompt_ids(tok, 256), ONE)  # warm-up: one-time costs
         load_before = loadavg()
         t0 = time.perf_counter()
@@ -293,7 +301,7 @@ def _main_links(args: argparse.Namespace, model: Any, tok: Any, kw: dict[str, An
     links = []
     for gbps in [float(v) for v in args.link_gbps.split(",")]:
         url = f"mock://bench-cg-e2e-{os.getpid()}-{gbps:g}?latency_ms={args.latency_ms:g}&bandwidth_gbps={gbps:g}"
-        base = cache_config_for(model, Config(remote_url=url, **kw))
+        base = base_config(model, url, kw)
         results = []
         for n in sizes:
             r = bench_size(model, tok, base, None, n, repeats, plain_max)
@@ -312,7 +320,8 @@ def _main_links(args: argparse.Namespace, model: Any, tok: Any, kw: dict[str, An
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized), fp32, CPU",
         "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
                     "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()},
-        "config": {"chunk_size": 256, "sizes": sizes, "warm_repeats": repeats, "plain_repeats": plain_max,
+        "config": {"chunk_size": 256, "kv_dtype": base.kv_dtype, "sizes": sizes, "warm_repeats": repeats,
+                   "plain_repeats": plain_max,
                    "remote": "mock:// (in-process store; each connector call sleeps latency + bytes / bandwidth)"},
         "loadavg_before": load_before, "loadavg_after": load_after, "elapsed_s": round(time.perf_counter() - t0, 1),
         "notes": ("Simulated link: kvpipe's mock:// connector, not a real network (none with a set bandwidth exists "
