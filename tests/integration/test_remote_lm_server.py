@@ -16,9 +16,7 @@ from servers import LmServerProc, lm_server
 
 from kvpipe.connectors.lm import LmConnector
 from kvpipe.errors import TierUnavailable
-from kvpipe.lm.protocol import FRAME_SIZE, PUT_HEADER_LAST, Frame, Op, Status
-from kvpipe.serde.entry import EntryHeader
-from kvpipe.serde.naive import tensor_bytes
+from kvpipe.lm.protocol import FRAME_SIZE, Frame, Op, Status
 
 
 def _recv_all_or_eof(s: socket.socket) -> bytes:
@@ -36,7 +34,6 @@ def _recv_all_or_eof(s: socket.socket) -> bytes:
     Frame(Op.GET, 1, key_len=1 << 20).to_bytes(),                        # oversized key
     Frame(Op.PUT, 1, key_len=1, payload_len=1 << 50).to_bytes() + b"k",  # oversized payload
     Frame(Op.GET, 1, version=7).to_bytes(),                              # future version
-    Frame(Op.PUT, 1, key_len=1, payload_len=10, flags=PUT_HEADER_LAST).to_bytes() + b"k" + b"x" * 10,  # no header
 ])
 async def test_bad_frames_close_only_their_connection(lm: LmServerProc, garbage: bytes, key_model: str) -> None:
     tier = await open_tier(lm.url)
@@ -52,27 +49,6 @@ async def test_bad_frames_close_only_their_connection(lm: LmServerProc, garbage:
         stats = await tier.connector.stats()  # type: ignore[attr-defined]
         assert stats["kvpipe_server_rejected_frames"] >= 1
         assert "closing connection" in lm.log_tail()
-    finally:
-        await tier.aclose()
-
-
-async def test_version_1_client_header_first(lm: LmServerProc, key_model: str) -> None:
-    """A version-1 client (entry header sent before the data, no flags) is still served, in version 1."""
-    k = key(key_model, 3)
-    t = chunk_tensor(3)
-    data = tensor_bytes(t)
-    entry = EntryHeader.for_payload(k.to_string(), "naive", t, chunk(3).num_tokens, data, len(data)).to_bytes()
-    kb = k.to_string().encode()
-    with socket.create_connection(("127.0.0.1", lm.port)) as s:
-        s.sendall(Frame(Op.PUT, 9, len(kb), len(entry) + len(data), version=1).to_bytes() + kb + entry + data)
-        s.settimeout(10)
-        reply = Frame.from_bytes(s.recv(FRAME_SIZE, socket.MSG_WAITALL))
-    assert (reply.status, reply.version, reply.request_id) == (Status.OK, 1, 9)
-    tier = await open_tier(lm.url)  # a version-2 client reads it back
-    try:
-        got = await tier.get_many([k])
-        assert got[0] is not None and torch.equal(got[0].tensor, t)
-        release_all(got)
     finally:
         await tier.aclose()
 

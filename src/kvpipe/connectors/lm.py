@@ -13,17 +13,15 @@ import itertools
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import ClassVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import attrs
 
-from kvpipe.connectors.base import GetResult, LateHeader, ReadInto
+from kvpipe.connectors.base import GetResult, ReadInto
 from kvpipe.connectors.sockio import ConnectionPool, SocketIO, connect_tcp
 from kvpipe.errors import ConfigError, ProtocolError, TierError, TierUnavailable
 from kvpipe.lm.protocol import (
     FRAME_SIZE,
-    PUT_HEADER_LAST,
     Frame,
     Op,
     Status,
@@ -51,8 +49,6 @@ class LmConnector:
     max_connections: int = 8
     _pool: ConnectionPool = attrs.field(init=False)
     _ids: itertools.count[int] = attrs.field(init=False, factory=itertools.count)
-    # put_many sends an entry's header after its payload (PUT_HEADER_LAST; see LateHeader)
-    late_headers: ClassVar[bool] = True
 
     def __attrs_post_init__(self) -> None:
         self._pool = ConnectionPool(self._connect, max_connections=self.max_connections)
@@ -176,28 +172,20 @@ class LmConnector:
                 out.append((hb, view, digest.intdigest()))
         return out
 
-    async def put_many(self, items: Sequence[tuple[str, bytes | LateHeader, memoryview]]) -> int:
-        """Pipelined ``PUT``s (frame, key, payload and then the entry header, as separate buffers:
-        ``PUT_HEADER_LAST``); returns the number the server stored (a full server answers ``NO_SPACE``)."""
+    async def put_many(self, items: Sequence[tuple[str, bytes, memoryview]]) -> int:
+        """Pipelined ``PUT``s (header, key, entry header and payload sent as separate buffers); returns the number
+        the server stored (a full server answers ``NO_SPACE``)."""
         if not items:
             return 0
+        bufs: list[bytes | memoryview] = []
         ids = []
+        for key, header, payload in items:
+            kb = key.encode()
+            rid = next(self._ids)
+            ids.append(rid)
+            bufs += [Frame(Op.PUT, rid, len(kb), len(header) + len(payload)).to_bytes(), kb, header, payload]
         stored = 0
         async with self._conn() as io:
-            bufs: list[bytes | memoryview] = []
-            for key, header, payload in items:
-                kb = key.encode()
-                rid = next(self._ids)
-                ids.append(rid)
-                bufs += [Frame(Op.PUT, rid, len(kb), HEADER_SIZE + len(payload), flags=PUT_HEADER_LAST).to_bytes(),
-                         kb, payload]
-                if not isinstance(header, bytes):  # its checksum was computed while the payload went out
-                    await io.send_all(bufs)
-                    bufs = []
-                    header = await header.get()
-                if len(header) != HEADER_SIZE:
-                    raise ValueError(f"entry header of {len(header)} bytes, expected {HEADER_SIZE}")
-                bufs.append(header)
             await io.send_all(bufs)
             for rid in ids:
                 f = await self._read_frame(io)

@@ -43,14 +43,14 @@ import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import anyio
 import attrs
 from redis.crc import key_slot
 
-from kvpipe.connectors.base import GetResult, LateHeader, ReadInto, header_bytes
+from kvpipe.connectors.base import GetResult, ReadInto
 from kvpipe.connectors.resp import RespError, encode_command, read_bulk_into, read_reply
 from kvpipe.connectors.sockio import Buffer, ConnectionPool, SocketIO, connect_tcp, connect_unix
 from kvpipe.errors import ConfigError, ProtocolError, TierError, TierUnavailable
@@ -230,8 +230,6 @@ class RedisConnector:
     _replica_turn: int = attrs.field(init=False, default=0)
     _slots: list[_Addr] | None = attrs.field(init=False, default=None)
     _closed: bool = attrs.field(init=False, default=False)
-    # put_many sends an entry's header after its payload (see LateHeader)
-    late_headers: ClassVar[bool] = True
 
     # -- construction -------------------------------------------------------------------------------------------
     @classmethod
@@ -697,7 +695,7 @@ class RedisConnector:
         await _gather([runner(n, idxs) for n, idxs in groups.items()])
         return no_payload
 
-    async def put_many(self, items: Sequence[tuple[str, bytes | LateHeader, memoryview]]) -> int:
+    async def put_many(self, items: Sequence[tuple[str, bytes, memoryview]]) -> int:
         """Store entries so that a reader never sees half of one; returns how many were stored (a server out of
         memory under ``noeviction`` stores fewer)."""
         if not items:
@@ -708,23 +706,18 @@ class RedisConnector:
             ok = [it for it, r in zip(items, first, strict=True) if r == b"OK"]
             if not ok:
                 return 0
-            second = await self._run_routed([(k + META_SUFFIX,
-                                              encode_command("SET", k + META_SUFFIX, await header_bytes(header)))
+            second = await self._run_routed([(k + META_SUFFIX, encode_command("SET", k + META_SUFFIX, header))
                                              for k, header, _p in ok])
             return sum(r == b"OK" for r in second)
         node = await self._route(items[0][0])
+        bufs: list[Buffer] = []
+        for k, header, payload in items:
+            bufs += encode_command("MULTI")
+            bufs += encode_command("SET", k + KV_SUFFIX, payload)
+            bufs += encode_command("SET", k + META_SUFFIX, header)
+            bufs += encode_command("EXEC")
         stored = 0
         async with self._conn(node) as io:
-            bufs: list[Buffer] = []
-            for k, header, payload in items:
-                bufs += encode_command("MULTI")
-                bufs += encode_command("SET", k + KV_SUFFIX, payload)
-                if not isinstance(header, bytes):  # its checksum was computed while the payload went out
-                    await io.send_all(bufs)
-                    bufs = []
-                    header = await header.get()
-                bufs += encode_command("SET", k + META_SUFFIX, header)
-                bufs += encode_command("EXEC")
             await io.send_all(bufs)
             for k, _h, _p in items:
                 replies = [await read_reply(io) for _ in range(4)]

@@ -3,10 +3,10 @@
 Every message, request or reply, is one frame: a fixed 32-byte header, the key, then the payload::
 
     0   4s  magic  b"KVLM"
-    4   B   protocol version (2; a server also speaks 1 and answers in the request's version)
+    4   B   protocol version (1)
     5   B   op
     6   B   status (0 in requests)
-    7   B   flags (0, but for PUT_HEADER_LAST)
+    7   B   flags (0)
     8   Q   request id (echoed in the reply)
     16  I   key length (bytes, UTF-8)
     20  Q   payload length
@@ -17,10 +17,6 @@ Ops: ``PING``, ``AUTH`` (key = shared token), ``PUT`` (payload = the entry: 80-b
 = :func:`encode_entries`), ``STATS`` (reply payload = Prometheus-style text), and the batch variants
 ``EXISTS_BATCH`` / ``DELETE_BATCH`` (payload = :func:`encode_keys`; reply payload = one byte per key). ``PUT`` and
 ``GET`` batch by pipelining: a client writes N frames, then reads N replies, in order, on one connection.
-
-Version 2 adds one flag, ``PUT_HEADER_LAST`` on ``PUT``: the entry's 80-byte header is sent after its data (the
-server still stores header + data, in that order), so a client can compute the payload checksum the header holds
-while it sends the payload.
 
 A server answers a request it cannot parse by closing that connection (never by crashing): a frame with bad magic,
 an unknown version or op, an oversized key or payload, or any op before ``AUTH`` when a token is set.
@@ -42,8 +38,6 @@ __all__ = [
     "MAGIC",
     "MAX_KEY_LEN",
     "MAX_SMALL_PAYLOAD",
-    "PUT_HEADER_LAST",
-    "SUPPORTED_VERSIONS",
     "VERSION",
     "Frame",
     "Op",
@@ -56,9 +50,7 @@ __all__ = [
 ]
 
 MAGIC = b"KVLM"
-VERSION = 2
-SUPPORTED_VERSIONS = (1, 2)
-PUT_HEADER_LAST = 1
+VERSION = 1
 _BODY = struct.Struct("<4sBBBBQIQ")
 _CRC = struct.Struct("<I")
 FRAME_SIZE = _BODY.size + _CRC.size
@@ -129,16 +121,13 @@ class Frame:
         (crc,) = _CRC.unpack_from(data, _BODY.size)
         if xxhash.xxh32_intdigest(body) != crc:
             raise ProtocolError("frame header checksum mismatch")
-        if version not in SUPPORTED_VERSIONS:
-            raise ProtocolError(f"unsupported protocol version {version} (this side speaks "
-                                f"{', '.join(map(str, SUPPORTED_VERSIONS))})")
+        if version != VERSION:
+            raise ProtocolError(f"unsupported protocol version {version} (this side speaks {VERSION})")
         try:
             op_e = Op(op)
             status_e = Status(status)
         except ValueError:
             raise ProtocolError(f"unknown op {op} or status {status}") from None
-        if flags and (version < 2 or op_e != Op.PUT or flags != PUT_HEADER_LAST):
-            raise ProtocolError(f"unknown flags {flags:#x} on a version {version} {op_e.name} frame")
         return cls(op=op_e, request_id=rid, key_len=klen, payload_len=plen, status=status_e, flags=flags,
                    version=version)
 

@@ -27,7 +27,6 @@ from kvpipe.connectors.sockio import SocketIO, tune_socket
 from kvpipe.errors import ProtocolError
 from kvpipe.lm.protocol import (
     FRAME_SIZE,
-    PUT_HEADER_LAST,
     Frame,
     Op,
     Status,
@@ -35,7 +34,6 @@ from kvpipe.lm.protocol import (
     encode_entries,
 )
 from kvpipe.memory.pool import HostPool, MemoryObj, create_pool
-from kvpipe.serde.entry import HEADER_SIZE
 
 __all__ = ["LmServer", "serve_forever"]
 
@@ -178,8 +176,7 @@ class LmServer:
 
     @staticmethod
     async def _reply(io: SocketIO, req: Frame, status: Status, payload: bytes | memoryview = b"") -> None:
-        hdr = Frame(op=req.op, request_id=req.request_id, payload_len=len(payload), status=status,
-                    version=req.version).to_bytes()
+        hdr = Frame(op=req.op, request_id=req.request_id, payload_len=len(payload), status=status).to_bytes()
         await io.send_all([hdr, payload])
 
     async def _dispatch(self, io: SocketIO, frame: Frame, key: str) -> None:
@@ -194,14 +191,7 @@ class LmServer:
                 await self._reply(io, frame, Status.NO_SPACE)
                 return
             try:
-                view = obj.byte_view[:n]
-                if frame.flags & PUT_HEADER_LAST:  # the entry's data, then its header
-                    if n < HEADER_SIZE:
-                        raise ProtocolError(f"PUT_HEADER_LAST payload of {n} bytes has no entry header")
-                    await io.read_into(view[HEADER_SIZE:])
-                    await io.read_into(view[:HEADER_SIZE])
-                else:
-                    await io.read_into(view)
+                await io.read_into(obj.byte_view[:n])
             except BaseException:
                 obj.release()
                 raise

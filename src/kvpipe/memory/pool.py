@@ -14,11 +14,14 @@ import logging
 import mmap
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 
+import anyio
 import attrs
 import torch
 
 from kvpipe.errors import CapacityError
+from kvpipe.native import checksum
 
 __all__ = ["HostPool", "MemoryObj", "PoolStats", "create_pool"]
 
@@ -65,6 +68,7 @@ class MemoryObj:
     refcount: int = 1
     _shape: tuple[int, ...] = ()
     _dtype: torch.dtype = torch.uint8
+    _checksum: Future[int] | int | None = attrs.field(default=None, init=False)
 
     @property
     def tensor(self) -> torch.Tensor:
@@ -97,6 +101,39 @@ class MemoryObj:
         if self.pool is not None:
             return self.pool.byte_view[self.offset : self.offset + self.nbytes]
         return memoryview(self.tensor.view(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
+
+    # -- payload checksum -----------------------------------------------------------------------------------------
+    def seal(self) -> None:
+        """Start computing the xxh3_64 of the region's bytes on a checksum worker (no GIL held), right after they
+        were written and are still in cache. The store pipeline seals each new chunk it queues for slower tiers;
+        a tier that stores the raw bytes takes the value from :meth:`checksum` instead of hashing 4 MiB again,
+        once per tier, from cold memory, on its own path. The bytes must not change after sealing (pool regions
+        are written once)."""
+        if self._checksum is None:
+            self._checksum = checksum.start(self.byte_view)
+
+    def set_checksum(self, value: int) -> None:
+        """Record the checksum of the region's bytes, known already (a remote read hashed them as they arrived)."""
+        self._checksum = value
+
+    async def checksum(self) -> int:
+        """xxh3_64 of the region's bytes: the sealed or recorded value (waiting for the worker off the event loop
+        when it is not done yet), else computed now."""
+        c = self._checksum
+        if c is None:
+            c = self._checksum = checksum.xxh3_64(self.byte_view)
+        elif isinstance(c, Future):
+            c = self._checksum = c.result() if c.done() else await anyio.to_thread.run_sync(c.result)
+        return c
+
+    def checksum_blocking(self) -> int:
+        """:meth:`checksum` for worker threads (waits for a sealed value in place)."""
+        c = self._checksum
+        if c is None:
+            c = self._checksum = checksum.xxh3_64(self.byte_view)
+        elif isinstance(c, Future):
+            c = c.result()
+        return c
 
     @classmethod
     def detached(cls, tensor: torch.Tensor, num_tokens: int) -> MemoryObj:

@@ -29,18 +29,20 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
 import attrs
 import sniffio
+import torch
 
-from kvpipe.connectors.base import Connector, GetResult, LateHeader
+from kvpipe.connectors.base import Connector, GetResult
 from kvpipe.errors import CapacityError, CorruptEntry, ProtocolError, TierError, TierUnavailable
 from kvpipe.keys import ChunkKey
 from kvpipe.memory.pool import MemoryObj
 from kvpipe.native import checksum
+from kvpipe.serde.base import Serde
 from kvpipe.serde.entry import EntryHeader, key_fingerprint
 from kvpipe.tiers.base import TierContext, TierStats
 
@@ -205,6 +207,11 @@ class RemoteTier:
             self._warn(what, "remote tier %s: %s failed: %s", self._safe_url, what, exc)
         return _FAILED
 
+    @property
+    def raw_payloads(self) -> bool:
+        """Whether entries carry the chunk's raw bytes (so a checksum sealed at store time applies)."""
+        return self.ctx.serde.raw
+
     # -- Tier API -----------------------------------------------------------------------------------------------
     async def contains_many(self, keys: Sequence[ChunkKey]) -> list[bool]:
         """Which keys have a complete entry (``False`` for all while the remote is down)."""
@@ -351,22 +358,19 @@ class RemoteTier:
             self._c["dropped_while_down"] += len(keys)
             return 0
         serde = self.ctx.serde
-        late = bool(getattr(self.connector, "late_headers", False))
-        items: list[tuple[str, bytes | LateHeader, memoryview]] = []
+        items: list[tuple[str, bytes, memoryview]] = []
         for k, obj in zip(keys, objs, strict=True):
             if serde.raw:
                 payload = memoryview(serde.encode(obj.tensor)).cast("B")
+                csum = await obj.checksum()  # sealed at store time: usually computed already, off this path
             else:
-                payload = memoryview(await anyio.to_thread.run_sync(serde.encode, obj.tensor,
-                                                                   limiter=self._thread_limiter())).cast("B")
+                payload, csum = await anyio.to_thread.run_sync(_encode_and_hash, serde, obj.tensor,
+                                                               limiter=self._thread_limiter())
             s = k.to_string()
-            make = _header_maker(s, serde.name, obj, payload.nbytes)
-            # The checksum (0.2-0.4 ms per 4 MiB here) runs on a worker thread, GIL-free, while the connector
-            # sends the payload; for a connector that sends the header first it is computed here.
-            header = LateHeader(checksum.start(payload), make) if late else make(checksum.xxh3_64(payload))
-            items.append((s, header, payload))
-        # LateHeader items go only to a connector that declares late_headers (its put_many takes them)
-        n = await self._call("put", lambda: self.connector.put_many(cast(list[tuple[str, bytes, memoryview]], items)))
+            header = EntryHeader.for_payload(s, serde.name, obj.tensor, obj.num_tokens, None, payload.nbytes,
+                                             checksum=csum)
+            items.append((s, header.to_bytes(), payload))
+        n = await self._call("put", lambda: self.connector.put_many(items))
         if isinstance(n, _Failed):
             n = 0
         self._c["puts"] += n
@@ -417,12 +421,11 @@ class RemoteTier:
 _CORRUPT: Any = object()
 
 
-def _header_maker(key: str, serde: str, obj: MemoryObj, payload_len: int) -> Callable[[int], bytes]:
-    """``checksum -> header bytes`` of ``obj``'s entry under ``key``."""
-    def make(payload_checksum: int) -> bytes:
-        return EntryHeader.for_payload(key, serde, obj.tensor, obj.num_tokens, None, payload_len,
-                                       checksum=payload_checksum).to_bytes()
-    return make
+
+def _encode_and_hash(serde: Serde, kv: torch.Tensor) -> tuple[memoryview, int]:
+    """Encode ``kv`` and hash the payload (on a worker thread: neither holds the GIL for long)."""
+    payload = memoryview(serde.encode(kv)).cast("B")
+    return payload, checksum.xxh3_64(payload)
 
 
 async def open_remote_tier(url: str, ctx: TierContext, connector: Connector) -> RemoteTier:
