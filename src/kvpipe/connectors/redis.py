@@ -44,16 +44,16 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
-from urllib.parse import parse_qs, unquote, urlsplit
 
 import anyio
 import attrs
 from redis.crc import key_slot
 
 from kvpipe.connectors.base import GetResult, ReadInto
+from kvpipe.connectors.redis_url import Addr, parse_redis_url
 from kvpipe.connectors.resp import RespError, encode_command, read_bulk_into, read_reply
 from kvpipe.connectors.sockio import Buffer, ConnectionPool, SocketIO, connect_tcp, connect_unix
-from kvpipe.errors import ConfigError, ProtocolError, TierError, TierUnavailable
+from kvpipe.errors import ProtocolError, TierError, TierUnavailable
 from kvpipe.serde.entry import payload_digest
 
 if sys.version_info < (3, 11):
@@ -68,13 +68,7 @@ META_SUFFIX = "metadata"
 _EMPTY = memoryview(b"")
 # Error replies that mean "this node cannot serve now" (failover, loading, cluster reconfiguring).
 _UNAVAILABLE = {"READONLY", "LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "NOREPLICAS", "BUSY"}
-_SCHEMES = {"redis": "single", "rediss": "single", "valkey": "single", "valkeys": "single", "unix": "single",
-            "redis-sentinel": "sentinel", "redis-cluster": "cluster", "valkey-cluster": "cluster",
-            "valkey-sentinel": "sentinel"}
 T = TypeVar("T")
-_BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
-_CERT_REQS = {"none": ssl.CERT_NONE, "cert_none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL,
-              "cert_optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED, "cert_required": ssl.CERT_REQUIRED}
 # Sentinel replica reads: how often the replica list is re-read, how long a failed replica is left out, and the
 # most a refresh may take (Sentinels that do not answer must not hold up reads that a replica could serve).
 _REPLICA_REFRESH_S = 5.0
@@ -83,70 +77,11 @@ _REPLICA_COOLDOWN_MAX_S = 60.0
 _REFRESH_BUDGET_S = 0.5
 
 
-@attrs.frozen
-class _Addr:
-    host: str = ""
-    port: int = 0
-    path: str = ""  # unix socket
-
-    def __str__(self) -> str:
-        return f"unix:{self.path}" if self.path else f"{self.host}:{self.port}"
-
-
-def _parse_hosts(hostlist: str, default_port: int, url: str) -> list[_Addr]:
-    out = []
-    for item in hostlist.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        if item.startswith("["):  # [v6]:port
-            host, _, rest = item[1:].partition("]")
-            port_s = rest.lstrip(":")
-        else:
-            host, _, port_s = item.rpartition(":") if ":" in item else (item, "", "")
-        try:
-            port = int(port_s) if port_s else default_port
-        except ValueError:
-            raise ConfigError(f"remote_url={url!r}: bad port in {item!r}") from None
-        if not host or not 0 < port < 65536:
-            raise ConfigError(f"remote_url={url!r}: bad host:port {item!r}")
-        out.append(_Addr(host, port))
-    if not out:
-        raise ConfigError(f"remote_url={url!r}: expected at least one host:port")
-    return out
-
-
-def _bool_opt(q: dict[str, str], name: str, url: str, default: bool) -> bool:
-    v = q.get(name)
-    if v is None:
-        return default
-    b = _BOOLS.get(v.strip().lower())
-    if b is None:
-        raise ConfigError(f"remote_url={url!r}: {name} must be true or false, got {v!r}")
-    return b
-
-
-def _ssl_context(q: dict[str, str], url: str) -> ssl.SSLContext:
-    """The client TLS context for redis-py's ``ssl_*`` URL options."""
-    reqs_s = q.get("ssl_cert_reqs", "required")
-    reqs = _CERT_REQS.get(reqs_s.strip().lower())
-    if reqs is None:
-        raise ConfigError(f"remote_url={url!r}: ssl_cert_reqs must be required, optional or none, got {reqs_s!r}")
-    cafile = q.get("ssl_ca_certs") or None
-    try:
-        ctx = ssl.create_default_context(cafile=cafile)
-    except OSError as exc:  # a missing file, or not PEM certificates (ssl.SSLError is an OSError)
-        raise ConfigError(f"remote_url={url!r}: cannot load ssl_ca_certs={cafile!r}: {exc}") from None
-    ctx.check_hostname = reqs != ssl.CERT_NONE and _bool_opt(q, "ssl_check_hostname", url, True)
-    ctx.verify_mode = reqs
-    return ctx
-
-
-def _healthy_replicas(reply: Any) -> list[_Addr]:
+def _healthy_replicas(reply: Any) -> list[Addr]:
     """Replica addresses from a ``SENTINEL replicas`` reply, leaving out those Sentinel sees down, as redis-py does
     (not by ``master-link-status``: Sentinel refreshes it only every 10 s, and a replica whose link is down still
     serves what it has)."""
-    out: list[_Addr] = []
+    out: list[Addr] = []
     if not isinstance(reply, list):
         return out
     for item in reply:
@@ -157,7 +92,7 @@ def _healthy_replicas(reply: Any) -> list[_Addr]:
         if set(f.get(b"flags", b"").split(b",")) & {b"s_down", b"o_down", b"disconnected"}:
             continue
         try:
-            out.append(_Addr(f[b"ip"].decode(), int(f[b"port"])))
+            out.append(Addr(f[b"ip"].decode(), int(f[b"port"])))
         except (KeyError, ValueError):
             continue
     return out
@@ -197,7 +132,7 @@ def _leaves(eg: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 
 @attrs.define(eq=False)
 class _Node:
-    addr: _Addr
+    addr: Addr
     pool: ConnectionPool
     replica: bool = False  # a Sentinel replica used for reads (its failures never touch the master state)
 
@@ -211,7 +146,7 @@ class RedisConnector:
 
     url: str
     mode: str  # "single" | "sentinel" | "cluster"
-    addrs: list[_Addr]
+    addrs: list[Addr]
     username: str | None = None
     password: str | None = attrs.field(default=None, repr=False)
     db: int = 0
@@ -220,15 +155,15 @@ class RedisConnector:
     sentinel_password: str | None = attrs.field(default=None, repr=False)
     max_connections: int = 8
     read_from_replicas: bool = False
-    _nodes: dict[_Addr, _Node] = attrs.field(init=False, factory=dict)
-    _replica_nodes: dict[_Addr, _Node] = attrs.field(init=False, factory=dict)
-    _master: _Addr | None = attrs.field(init=False, default=None)
-    _replicas: list[_Addr] = attrs.field(init=False, factory=list)
+    _nodes: dict[Addr, _Node] = attrs.field(init=False, factory=dict)
+    _replica_nodes: dict[Addr, _Node] = attrs.field(init=False, factory=dict)
+    _master: Addr | None = attrs.field(init=False, default=None)
+    _replicas: list[Addr] = attrs.field(init=False, factory=list)
     _replicas_expire: float = attrs.field(init=False, default=0.0)
-    _replica_bad: dict[_Addr, float] = attrs.field(init=False, factory=dict)
-    _replica_fails: dict[_Addr, int] = attrs.field(init=False, factory=dict)
+    _replica_bad: dict[Addr, float] = attrs.field(init=False, factory=dict)
+    _replica_fails: dict[Addr, int] = attrs.field(init=False, factory=dict)
     _replica_turn: int = attrs.field(init=False, default=0)
-    _slots: list[_Addr] | None = attrs.field(init=False, default=None)
+    _slots: list[Addr] | None = attrs.field(init=False, default=None)
     _closed: bool = attrs.field(init=False, default=False)
 
     # -- construction -------------------------------------------------------------------------------------------
@@ -249,66 +184,16 @@ class RedisConnector:
         :raises ConfigError: for a malformed URL, an unknown scheme, a bad option value or an unreadable
             ``ssl_ca_certs`` file.
         """
-        scheme, sep, _ = url.partition("://")
-        mode = _SCHEMES.get(scheme.lower())
-        if not sep or mode is None:
-            raise ConfigError(f"remote_url={url!r}: expected one of " + ", ".join(f"{s}://" for s in _SCHEMES))
-        parts = urlsplit(url)
-        q = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-        netloc = parts.netloc
-        userinfo, at, hostlist = netloc.rpartition("@")
-        username = password = None
-        if at:
-            user, _, pw = userinfo.partition(":")
-            username = unquote(user) or None
-            password = unquote(pw) if pw else None
-        password = q.get("password", password)
-        path = parts.path.strip("/")
-        db = 0
-        name = q.get("master_name") or q.get("service_name") or master_name or "mymaster"
-        if scheme == "unix":
-            sock_path = parts.path
-            if not sock_path:
-                raise ConfigError(f"remote_url={url!r}: expected unix:///path/to/redis.sock")
-            addrs = [_Addr(path=sock_path)]
-            path = ""
-        elif mode == "sentinel":
-            addrs = _parse_hosts(hostlist, 26379, url)
-            if path:
-                name = path
-                path = ""
-        else:
-            addrs = _parse_hosts(hostlist, 6379, url)
-            if mode == "single" and len(addrs) != 1:
-                raise ConfigError(f"remote_url={url!r}: {scheme}:// takes one host; use redis-sentinel:// or "
-                                  "redis-cluster:// for several")
-        db_s = q.get("db", path or "0")
-        try:
-            db = int(db_s)
-        except ValueError:
-            raise ConfigError(f"remote_url={url!r}: database must be an integer, got {db_s!r}") from None
-        if mode == "cluster" and db:
-            raise ConfigError(f"remote_url={url!r}: Redis Cluster has only database 0")
-        try:
-            maxc = max_connections or int(q.get("max_connections", "8"))
-        except ValueError:
-            raise ConfigError(f"remote_url={url!r}: max_connections must be an integer") from None
-        ctx = None
-        if scheme in ("rediss", "valkeys") or _bool_opt(q, "ssl", url, False):
-            ctx = _ssl_context(q, url)
-        replicas = _bool_opt(q, "read_from_replicas", url, False)
-        if replicas and mode != "sentinel":
-            raise ConfigError(f"remote_url={url!r}: read_from_replicas is supported with redis-sentinel:// only")
-        return cls(url=url, mode=mode, addrs=addrs, username=username, password=password, db=db, ssl_context=ctx,
-                   master_name=name, sentinel_password=q.get("sentinel_password"), max_connections=max(1, maxc),
-                   read_from_replicas=replicas)
+        u = parse_redis_url(url, master_name=master_name, max_connections=max_connections)
+        return cls(url=url, **attrs.asdict(u, recurse=False))
+
 
     @property
     def _safe_url(self) -> str:
         return self.url.split("://")[0] + "://" + ",".join(map(str, self.addrs))
 
     # -- connections --------------------------------------------------------------------------------------------
-    async def _open(self, addr: _Addr) -> SocketIO:
+    async def _open(self, addr: Addr) -> SocketIO:
         if addr.path:
             return await connect_unix(addr.path)
         try:
@@ -346,7 +231,7 @@ class RedisConnector:
             self._master = None
             raise TierUnavailable(f"{self._safe_url}: node is not the master of {self.master_name!r} (failover?)")
 
-    def _node(self, addr: _Addr, replica: bool = False) -> _Node:
+    def _node(self, addr: Addr, replica: bool = False) -> _Node:
         """The node (connection pool) of ``addr``; ``replica``: a Sentinel replica read from (no role check)."""
         nodes = self._replica_nodes if replica else self._nodes
         node = nodes.get(addr)
@@ -415,7 +300,7 @@ class RedisConnector:
             errors.append(f"{s}: {why}")
         raise TierUnavailable(f"{self._safe_url}: {what}: " + "; ".join(errors))
 
-    async def _sentinel_master(self) -> _Addr:
+    async def _sentinel_master(self) -> Addr:
         if self._master is not None:
             return self._master
 
@@ -430,7 +315,7 @@ class RedisConnector:
             cmds.append(("SENTINEL", "replicas", self.master_name))
         replies = await self._ask_sentinels(cmds, accept, f"no sentinel knows master {self.master_name!r}")
         host, port = replies[0]
-        self._master = _Addr(host.decode(), int(port))
+        self._master = Addr(host.decode(), int(port))
         log.debug("sentinel: master %r is %s", self.master_name, self._master)
         if self.read_from_replicas:
             self._set_replicas(replies[1])
@@ -496,7 +381,7 @@ class RedisConnector:
             return True, result
         return False, None
 
-    async def _cluster_slots(self) -> list[_Addr]:
+    async def _cluster_slots(self) -> list[Addr]:
         if self._slots is not None:
             return self._slots
         errors = []
@@ -508,11 +393,11 @@ class RedisConnector:
             except TierError as exc:
                 errors.append(str(exc))
                 continue
-            slots: list[_Addr | None] = [None] * 16384
+            slots: list[Addr | None] = [None] * 16384
             for rng in reply:
                 start, end, master = rng[0], rng[1], rng[2]
                 host = master[0].decode() if master[0] else seed.host
-                addr = _Addr(host, int(master[1]))
+                addr = Addr(host, int(master[1]))
                 for i in range(start, end + 1):
                     slots[i] = addr
             if any(a is None for a in slots):

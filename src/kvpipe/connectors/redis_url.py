@@ -1,0 +1,160 @@
+"""Parsing Redis-family URLs (``redis://``, ``rediss://``, ``unix://``, ``valkey://``, ``valkeys://``,
+``redis-sentinel://``, ``redis-cluster://``) into what :class:`~kvpipe.connectors.redis.RedisConnector` needs.
+
+Every problem is a one-line :class:`~kvpipe.errors.ConfigError` naming the URL and the bad part.
+"""
+
+from __future__ import annotations
+
+import ssl
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import attrs
+
+from kvpipe.errors import ConfigError
+
+__all__ = ["Addr", "RedisUrl", "parse_redis_url"]
+
+_SCHEMES = {"redis": "single", "rediss": "single", "valkey": "single", "valkeys": "single", "unix": "single",
+            "redis-sentinel": "sentinel", "redis-cluster": "cluster", "valkey-cluster": "cluster",
+            "valkey-sentinel": "sentinel"}
+_BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+_CERT_REQS = {"none": ssl.CERT_NONE, "cert_none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL,
+              "cert_optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED, "cert_required": ssl.CERT_REQUIRED}
+
+
+@attrs.frozen
+class Addr:
+    host: str = ""
+    port: int = 0
+    path: str = ""  # unix socket
+
+    def __str__(self) -> str:
+        return f"unix:{self.path}" if self.path else f"{self.host}:{self.port}"
+
+
+def _parse_hosts(hostlist: str, default_port: int, url: str) -> list[Addr]:
+    out = []
+    for item in hostlist.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if item.startswith("["):  # [v6]:port
+            host, _, rest = item[1:].partition("]")
+            port_s = rest.lstrip(":")
+        else:
+            host, _, port_s = item.rpartition(":") if ":" in item else (item, "", "")
+        try:
+            port = int(port_s) if port_s else default_port
+        except ValueError:
+            raise ConfigError(f"remote_url={url!r}: bad port in {item!r}") from None
+        if not host or not 0 < port < 65536:
+            raise ConfigError(f"remote_url={url!r}: bad host:port {item!r}")
+        out.append(Addr(host, port))
+    if not out:
+        raise ConfigError(f"remote_url={url!r}: expected at least one host:port")
+    return out
+
+
+def _bool_opt(q: dict[str, str], name: str, url: str, default: bool) -> bool:
+    v = q.get(name)
+    if v is None:
+        return default
+    b = _BOOLS.get(v.strip().lower())
+    if b is None:
+        raise ConfigError(f"remote_url={url!r}: {name} must be true or false, got {v!r}")
+    return b
+
+
+def _ssl_context(q: dict[str, str], url: str) -> ssl.SSLContext:
+    """The client TLS context for redis-py's ``ssl_*`` URL options."""
+    reqs_s = q.get("ssl_cert_reqs", "required")
+    reqs = _CERT_REQS.get(reqs_s.strip().lower())
+    if reqs is None:
+        raise ConfigError(f"remote_url={url!r}: ssl_cert_reqs must be required, optional or none, got {reqs_s!r}")
+    cafile = q.get("ssl_ca_certs") or None
+    try:
+        ctx = ssl.create_default_context(cafile=cafile)
+    except OSError as exc:  # a missing file, or not PEM certificates (ssl.SSLError is an OSError)
+        raise ConfigError(f"remote_url={url!r}: cannot load ssl_ca_certs={cafile!r}: {exc}") from None
+    ctx.check_hostname = reqs != ssl.CERT_NONE and _bool_opt(q, "ssl_check_hostname", url, True)
+    ctx.verify_mode = reqs
+    return ctx
+
+
+@attrs.frozen
+class RedisUrl:
+    """A parsed Redis-family URL (the connector's settings)."""
+
+    mode: str  # "single" | "sentinel" | "cluster"
+    addrs: list[Addr]
+    username: str | None
+    password: str | None = attrs.field(repr=False)
+    db: int
+    ssl_context: ssl.SSLContext | None
+    master_name: str
+    sentinel_password: str | None = attrs.field(repr=False)
+    max_connections: int
+    read_from_replicas: bool
+
+
+def parse_redis_url(url: str, *, master_name: str | None = None, max_connections: int | None = None) -> RedisUrl:
+    """Parse ``url`` (see :meth:`RedisConnector.from_url <kvpipe.connectors.redis.RedisConnector.from_url>` for
+    the forms and options).
+
+    :raises ConfigError: for a malformed URL, an unknown scheme, a bad option value or an unreadable
+        ``ssl_ca_certs`` file.
+    """
+    scheme, sep, _ = url.partition("://")
+    mode = _SCHEMES.get(scheme.lower())
+    if not sep or mode is None:
+        raise ConfigError(f"remote_url={url!r}: expected one of " + ", ".join(f"{s}://" for s in _SCHEMES))
+    parts = urlsplit(url)
+    q = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    netloc = parts.netloc
+    userinfo, at, hostlist = netloc.rpartition("@")
+    username = password = None
+    if at:
+        user, _, pw = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(pw) if pw else None
+    password = q.get("password", password)
+    path = parts.path.strip("/")
+    db = 0
+    name = q.get("master_name") or q.get("service_name") or master_name or "mymaster"
+    if scheme == "unix":
+        sock_path = parts.path
+        if not sock_path:
+            raise ConfigError(f"remote_url={url!r}: expected unix:///path/to/redis.sock")
+        addrs = [Addr(path=sock_path)]
+        path = ""
+    elif mode == "sentinel":
+        addrs = _parse_hosts(hostlist, 26379, url)
+        if path:
+            name = path
+            path = ""
+    else:
+        addrs = _parse_hosts(hostlist, 6379, url)
+        if mode == "single" and len(addrs) != 1:
+            raise ConfigError(f"remote_url={url!r}: {scheme}:// takes one host; use redis-sentinel:// or "
+                              "redis-cluster:// for several")
+    db_s = q.get("db", path or "0")
+    try:
+        db = int(db_s)
+    except ValueError:
+        raise ConfigError(f"remote_url={url!r}: database must be an integer, got {db_s!r}") from None
+    if mode == "cluster" and db:
+        raise ConfigError(f"remote_url={url!r}: Redis Cluster has only database 0")
+    try:
+        maxc = max_connections or int(q.get("max_connections", "8"))
+    except ValueError:
+        raise ConfigError(f"remote_url={url!r}: max_connections must be an integer") from None
+    ctx = None
+    if scheme in ("rediss", "valkeys") or _bool_opt(q, "ssl", url, False):
+        ctx = _ssl_context(q, url)
+    replicas = _bool_opt(q, "read_from_replicas", url, False)
+    if replicas and mode != "sentinel":
+        raise ConfigError(f"remote_url={url!r}: read_from_replicas is supported with redis-sentinel:// only")
+    return RedisUrl(mode=mode, addrs=addrs, username=username, password=password, db=db, ssl_context=ctx,
+                    master_name=name, sentinel_password=q.get("sentinel_password"), max_connections=max(1, maxc),
+                    read_from_replicas=replicas)
