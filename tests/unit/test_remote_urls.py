@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from kvpipe.config import Config
 from kvpipe.connectors.lm import LmConnector
 from kvpipe.connectors.mock import MockConnector
 from kvpipe.connectors.plugin import connector_for_url
@@ -54,6 +55,22 @@ def test_plugin_dispatch() -> None:
     assert isinstance(connector_for_url("lm://a:1"), LmConnector)
     assert isinstance(connector_for_url("mock://z"), MockConnector)
     assert connector_for_url("infinistore://a:1") is None
+
+
+@pytest.mark.parametrize(("value", "url_opt", "want"), [(True, "", True), ("yes", "", True), ("false", "", False),
+                                                        (True, "?read_from_replicas=false", False),
+                                                        (None, "?read_from_replicas=true", True)])
+def test_read_from_replicas_config_key(value: object, url_opt: str, want: bool) -> None:
+    cfg = Config(extra_config={"redis_read_from_replicas": value} if value is not None else {})
+    c = connector_for_url("redis-sentinel://a:1" + url_opt, cfg)
+    assert isinstance(c, RedisConnector) and c.read_from_replicas is want
+
+
+def test_read_from_replicas_config_key_errors() -> None:
+    with pytest.raises(ConfigError, match="redis_read_from_replicas must be true or false"):
+        connector_for_url("redis-sentinel://a:1", Config(extra_config={"redis_read_from_replicas": "maybe"}))
+    with pytest.raises(ConfigError, match="redis-sentinel:// only"):
+        connector_for_url("redis://a:1", Config(extra_config={"redis_read_from_replicas": True}))
 
 
 def test_encode_command_references_big_values() -> None:

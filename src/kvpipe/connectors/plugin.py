@@ -26,7 +26,8 @@ def connector_for_url(url: str, config: Config | None = None) -> Connector | Non
 
     The Sentinel master name comes from the URL (path or ``?master_name=``), else from the config's
     ``extra_config["redis_sentinel_master"]``, else ``mymaster``; ``extra_config["remote_max_connections"]``
-    bounds connections per node.
+    bounds connections per node; ``extra_config["redis_read_from_replicas"]`` (Sentinel) is the default for the
+    URL's ``?read_from_replicas=``.
 
     :raises ConfigError: for a malformed URL of one of these schemes.
     """
@@ -37,7 +38,8 @@ def connector_for_url(url: str, config: Config | None = None) -> Connector | Non
         from kvpipe.connectors.redis import RedisConnector
 
         return RedisConnector.from_url(url, master_name=extra.get("redis_sentinel_master"),
-                                       max_connections=int(maxc) if maxc else None)
+                                       max_connections=int(maxc) if maxc else None,
+                                       read_from_replicas=extra.get("redis_read_from_replicas"))
     if scheme == "lm":
         from kvpipe.connectors.lm import LmConnector
 

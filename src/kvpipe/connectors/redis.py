@@ -168,8 +168,8 @@ class RedisConnector:
 
     # -- construction -------------------------------------------------------------------------------------------
     @classmethod
-    def from_url(cls, url: str, *, master_name: str | None = None, max_connections: int | None = None
-                 ) -> RedisConnector:
+    def from_url(cls, url: str, *, master_name: str | None = None, max_connections: int | None = None,
+                 read_from_replicas: object = None) -> RedisConnector:
         """Parse a Redis-family URL (``master_name`` is the Sentinel master when the URL names none).
 
         ``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` (TLS; ``?ssl_cert_reqs=none``,
@@ -179,12 +179,14 @@ class RedisConnector:
 
         TLS options (``rediss://``, ``valkeys://``, or ``?ssl=true``): ``ssl_ca_certs=PATH``,
         ``ssl_cert_reqs=required|optional|none``, ``ssl_check_hostname=true|false``. Sentinel only:
-        ``read_from_replicas=true`` sends ``GET``/``EXISTS`` to healthy replicas (see the module docstring).
+        ``read_from_replicas=true`` sends ``GET``/``EXISTS`` to healthy replicas (see the module docstring);
+        ``read_from_replicas`` here is the default when the URL does not say.
 
         :raises ConfigError: for a malformed URL, an unknown scheme, a bad option value or an unreadable
             ``ssl_ca_certs`` file.
         """
-        u = parse_redis_url(url, master_name=master_name, max_connections=max_connections)
+        u = parse_redis_url(url, master_name=master_name, max_connections=max_connections,
+                            read_from_replicas=read_from_replicas)
         return cls(url=url, **attrs.asdict(u, recurse=False))
 
 

@@ -98,9 +98,10 @@ class RedisUrl:
     read_from_replicas: bool
 
 
-def parse_redis_url(url: str, *, master_name: str | None = None, max_connections: int | None = None) -> RedisUrl:
+def parse_redis_url(url: str, *, master_name: str | None = None, max_connections: int | None = None,
+                    read_from_replicas: object = None) -> RedisUrl:
     """Parse ``url`` (see :meth:`RedisConnector.from_url <kvpipe.connectors.redis.RedisConnector.from_url>` for
-    the forms and options).
+    the forms and options); ``read_from_replicas``: the config's default for the URL option of that name.
 
     :raises ConfigError: for a malformed URL, an unknown scheme, a bad option value or an unreadable
         ``ssl_ca_certs`` file.
@@ -152,7 +153,14 @@ def parse_redis_url(url: str, *, master_name: str | None = None, max_connections
     ctx = None
     if scheme in ("rediss", "valkeys") or _bool_opt(q, "ssl", url, False):
         ctx = _ssl_context(q, url)
-    replicas = _bool_opt(q, "read_from_replicas", url, False)
+    default: bool | None = False
+    if isinstance(read_from_replicas, bool):  # the config's value; the URL's own option wins
+        default = read_from_replicas
+    elif read_from_replicas is not None:
+        default = _BOOLS.get(str(read_from_replicas).strip().lower())
+        if default is None:
+            raise ConfigError(f"redis_read_from_replicas must be true or false, got {read_from_replicas!r}")
+    replicas = _bool_opt(q, "read_from_replicas", url, bool(default))
     if replicas and mode != "sentinel":
         raise ConfigError(f"remote_url={url!r}: read_from_replicas is supported with redis-sentinel:// only")
     return RedisUrl(mode=mode, addrs=addrs, username=username, password=password, db=db, ssl_context=ctx,
