@@ -235,7 +235,7 @@ def test_factory_reads_config_keys() -> None:
 
     s = create_cachegen_serde(Cfg())
     assert (s.key_bins, s.value_bins, s.anchor_group, s.table_group) == ([64, 32], 16, 8, 4)
-    assert create_cachegen_serde(object()).anchor_group == 64
+    assert create_cachegen_serde(object()).anchor_group == 256
 
 
 @pytest.mark.parametrize("kw", [{"key_bins": 1}, {"value_bins": [16, 300]}, {"anchor_group": 0},
@@ -251,6 +251,8 @@ def test_registered_as_plugin() -> None:
 
     serde = registries().serdes.get("cachegen")(Config.load(None, env={}, cachegen_anchor_group=4))
     assert isinstance(serde, CacheGenSerde) and serde.anchor_group == 4
+    # Keys the config leaves at its own defaults take the codec's measured defaults.
+    assert registries().serdes.get("cachegen")(Config.load(None, env={})).anchor_group == 256
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
