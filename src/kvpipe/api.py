@@ -100,7 +100,6 @@ class KVCache:
     lower: list[Tier]
     _guards: dict[str, TierGuard] = attrs.field(factory=dict)
     _behind: list[WriteBehind] = attrs.field(factory=list)
-    _seal: bool = False  # whether gathered chunks are sealed (a slower tier stores raw bytes)
     _extra_store: list[Stage] = attrs.field(factory=list)
     _extra_retrieve: list[Stage] = attrs.field(factory=list)
     _inflight: dict[ChunkKey, anyio.Event] = attrs.field(factory=dict)
@@ -119,7 +118,6 @@ class KVCache:
         for tier in self._all_tiers():
             self._guards[tier.name] = TierGuard(tier)
         self._behind = [WriteBehind(self._guards[t.name], self.config.write_queue_size) for t in self.lower]
-        self._seal = any(getattr(t, "raw_payloads", False) for t in self.lower)
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         for wb in self._behind:
@@ -211,8 +209,7 @@ class KVCache:
         if not keys:
             log.info("Storing KV cache for 0 out of %d tokens (Reqid: %s)", total, req)
             return 0
-        stages: list[Stage] = [DedupeStage(self.cpu), GatherStage(self.pool, self._seal),
-                               WriteStage(self.cpu, self._behind),
+        stages: list[Stage] = [DedupeStage(self.cpu), GatherStage(self.pool), WriteStage(self.cpu, self._behind),
                                *self._extra_store]
         batches = await run_stages(stages, split_batches(req, keys, spans, kv))
         new = sum(e - s for b in batches for (s, e), t in zip(b.spans, b.tiers, strict=True) if t == "new")

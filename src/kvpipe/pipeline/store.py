@@ -31,14 +31,9 @@ class DedupeStage(StageBase):
 @attrs.define(eq=False)
 class GatherStage(StageBase):
     """Copies each new chunk's KV from the engine tensor into pool memory. A full pool skips the chunk (counted
-    in ``batch.info["skipped"]``); it never waits.
-
-    With ``seal`` (a slower tier stores raw bytes) each copied chunk is sealed (:meth:`MemoryObj.seal`): its
-    checksum is computed once, on a worker without the GIL, while the bytes just written are still in cache, and
-    every tier writing the chunk behind reuses it instead of hashing it again from cold memory."""
+    in ``batch.info["skipped"]``); it never waits."""
 
     pool: HostPool
-    seal: bool = False
     name: str = "gather"
 
     async def process(self, batch: Batch) -> Batch:
@@ -54,8 +49,6 @@ class GatherStage(StageBase):
                 skipped += 1
                 continue
             copy_kv(obj.tensor, src)
-            if self.seal:
-                obj.seal()
             batch.objs[i] = obj
         batch.info["skipped"] = batch.info.get("skipped", 0) + skipped
         return batch

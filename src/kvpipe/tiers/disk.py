@@ -73,11 +73,6 @@ class DiskTier:
     _bytes_written: int = 0
     _closed: bool = False
 
-    @property
-    def raw_payloads(self) -> bool:
-        """Whether files carry the chunk's raw bytes (so a checksum sealed at store time applies)."""
-        return self.serde.raw
-
     def _path(self, key: ChunkKey) -> Path:
         return self.root / _file_name(key)
 
@@ -298,7 +293,7 @@ class DiskTier:
         for path, key, obj in jobs:
             payload = self.serde.encode(obj.tensor)
             plen = memoryview(payload).nbytes
-            # raw bytes: the checksum sealed at store time (shared with the other tiers), else hashed here
+            # raw bytes: the chunk's memoized checksum (computed once, shared with the other tiers)
             csum = obj.checksum_blocking() if self.serde.raw else None
             header = EntryHeader.for_payload(key, self.serde.name, obj.tensor, obj.num_tokens, payload,
                                              plen, checksum=csum).to_bytes()

@@ -207,11 +207,6 @@ class RemoteTier:
             self._warn(what, "remote tier %s: %s failed: %s", self._safe_url, what, exc)
         return _FAILED
 
-    @property
-    def raw_payloads(self) -> bool:
-        """Whether entries carry the chunk's raw bytes (so a checksum sealed at store time applies)."""
-        return self.ctx.serde.raw
-
     # -- Tier API -----------------------------------------------------------------------------------------------
     async def contains_many(self, keys: Sequence[ChunkKey]) -> list[bool]:
         """Which keys have a complete entry (``False`` for all while the remote is down)."""
@@ -362,7 +357,7 @@ class RemoteTier:
         for k, obj in zip(keys, objs, strict=True):
             if serde.raw:
                 payload = memoryview(serde.encode(obj.tensor)).cast("B")
-                csum = await obj.checksum()  # sealed at store time: usually computed already, off this path
+                csum = await obj.checksum()  # memoized: computed once per chunk, by the first tier that needs it
             else:
                 payload, csum = await anyio.to_thread.run_sync(_encode_and_hash, serde, obj.tensor,
                                                                limiter=self._thread_limiter())

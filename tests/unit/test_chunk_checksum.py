@@ -1,9 +1,11 @@
-"""Sealing: a stored chunk's payload checksum is computed once (on a worker, right after the gather) and reused by
-every tier that writes its raw bytes behind; entries written with it read back bit-identical."""
+"""A stored chunk's payload checksum is computed once, by the first tier that writes its raw bytes behind, and
+reused by the others (also when they ask at the same time); entries written with it read back bit-identical."""
 
 from __future__ import annotations
 
 import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -16,18 +18,38 @@ from kvpipe.memory.pool import MemoryObj, create_pool
 from kvpipe.native import checksum
 
 
-async def test_seal_then_checksum_equals_the_bytes_hash() -> None:
+async def test_checksum_is_the_bytes_hash_and_memoized(monkeypatch: pytest.MonkeyPatch) -> None:
     pool = create_pool(1 << 20)
     obj = pool.allocate((4, 1000), torch.float32, 4)
     assert obj is not None
     obj.tensor.copy_(torch.randn(4, 1000))
     want = xxhash.xxh3_64_intdigest(obj.byte_view)
-    obj.seal()
     assert await obj.checksum() == want
-    assert obj.checksum_blocking() == want
-    other = MemoryObj.detached(torch.arange(3000, dtype=torch.float16), 3)  # never sealed: computed on demand
-    assert await other.checksum() == xxhash.xxh3_64_intdigest(other.tensor.numpy().tobytes())
+    monkeypatch.setattr(checksum, "xxh3_64", lambda _d: pytest.fail("hashed twice"))
+    assert obj.checksum_blocking() == want and await obj.checksum() == want
     obj.release()
+    other = MemoryObj.detached(torch.arange(3000, dtype=torch.float16), 3)
+    other.set_checksum(12345)  # known already: taken as given
+    assert await other.checksum() == 12345
+
+
+def test_concurrent_first_callers_hash_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    real = checksum.xxh3_64
+    gate = threading.Event()
+
+    def slow(data: object) -> int:
+        calls.append(1)
+        gate.wait(5)
+        return real(data)
+
+    monkeypatch.setattr(checksum, "xxh3_64", slow)
+    obj = MemoryObj.detached(torch.randn(50_000), 1)
+    with ThreadPoolExecutor(4) as ex:
+        futures = [ex.submit(obj.checksum_blocking) for _ in range(4)]
+        gate.set()
+        values = {f.result(timeout=10) for f in futures}
+    assert values == {xxhash.xxh3_64_intdigest(obj.tensor.numpy().tobytes())} and len(calls) == 1
 
 
 @pytest.mark.parametrize("remote_serde", ["naive", "cachegen"])
