@@ -211,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     reps = 3 if args.quick else 10
+    load_before = os.getloadavg()
     result: dict[str, Any] = {
         "benchmark": "cachegen", "quick": args.quick, "torch_threads": args.threads,
         "machine": f"{platform.machine()} {os.cpu_count()} cpus, {platform.python_version()}",
@@ -220,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     if not args.no_model:
         result["smollm2"] = bench_model(args, reps)
+    # Throughput figures are only as good as the machine was quiet: record the load around the run.
+    result["loadavg_before"] = list(load_before)
+    result["loadavg_after"] = list(os.getloadavg())
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
