@@ -230,7 +230,7 @@ class Config:
     blend_min_tokens: int = _f(256, _int(1), "shortest segment worth blending")
     # --- CacheGen (issue 5)
     cachegen_bins: tuple[int, ...] | None = _f(None, _int_list, "quantization bins per layer group")
-    cachegen_anchor_group: int = _f(64, _int(1), "tokens per CacheGen anchor group")
+    cachegen_anchor_group: int = _f(256, _int(1), "tokens per CacheGen anchor group (256: one per chunk)")
     cachegen_lossless: bool = _f(False, _bool, "CacheGen: code the symbols losslessly (tests)")
     cachegen_key_bins: tuple[int, ...] | None = _f(None, _int_list, "CacheGen: K bins per layer (last repeats)")
     cachegen_value_bins: tuple[int, ...] | None = _f(None, _int_list, "CacheGen: V bins per layer (last repeats)")
