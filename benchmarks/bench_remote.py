@@ -221,6 +221,9 @@ async def bench_size(size: int, iters: int, warmup: int, redis_port: int, lm_url
         "raw_tcp_put": lambda: tcp.put(data),
         "raw_tcp_put_xxh3": lambda: (payload_checksum(data), tcp.put(data)),
         "raw_tcp_get": lambda: tcp.get(dst),
+        # the raw clients plus checking what arrived (every kvpipe GET verifies the payload's xxh3_64)
+        "redis_raw_socket_get_xxh3": lambda: (raw.get(rkey, dst), payload_checksum(dst)),
+        "raw_tcp_get_xxh3": lambda: (tcp.get(dst), payload_checksum(dst)),
         "gather_copy": lambda: gather(False),
         "gather_copy_and_hash": lambda: gather(True),
     }
@@ -260,6 +263,8 @@ async def bench_size(size: int, iters: int, warmup: int, redis_port: int, lm_url
         "redis_tier_put_vs_redis_py_asyncio": ratio("redis_tier_put", "redis_py_asyncio_set"),
         "lm_tier_get_vs_raw_tcp": ratio("lm_tier_get", "raw_tcp_get"),
         "lm_tier_put_vs_raw_tcp": ratio("lm_tier_put", "raw_tcp_put"),
+        "redis_tier_get_vs_raw_socket_plus_xxh3": ratio("redis_tier_get", "redis_raw_socket_get_xxh3"),
+        "lm_tier_get_vs_raw_tcp_plus_xxh3": ratio("lm_tier_get", "raw_tcp_get_xxh3"),
         "redis_tier_put_vs_raw_socket_plus_xxh3": ratio("redis_tier_put", "redis_raw_socket_set_xxh3"),
         "lm_tier_put_vs_raw_tcp_plus_xxh3": ratio("lm_tier_put", "raw_tcp_put_xxh3"),
         "redis_tier_put_checksum_known_vs_raw_socket": ratio("redis_tier_put_checksum_known", "redis_raw_socket_set"),
