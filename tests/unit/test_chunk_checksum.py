@@ -63,7 +63,7 @@ async def test_disk_and_remote_share_one_hash_per_chunk(tmp_path: Path, monkeypa
         return real(data)
 
     monkeypatch.setattr(checksum, "xxh3_64", counting)
-    name = f"mock://seal-{remote_serde}"
+    name = f"mock://shared-checksum-{remote_serde}"
     cfg = small_config(tmp_path, disk=True, remote_url=name, remote_serde=remote_serde)
     tokens, kv = make_tokens(3 * CHUNK), make_kv(3 * CHUNK)
     async with kvpipe.open_cache(cfg) as cache:

@@ -48,12 +48,6 @@ def test_all_zero_and_all_ones() -> None:
         assert checksum.xxh3_64(data) == xxhash.xxh3_64_intdigest(data)
 
 
-def test_start_returns_the_same_value_from_a_worker() -> None:
-    bufs = [random.Random(i).randbytes(300_000 + i) for i in range(6)]
-    futures = [checksum.start(b) for b in bufs]
-    assert [f.result(timeout=30) for f in futures] == [xxhash.xxh3_64_intdigest(b) for b in bufs]
-
-
 def test_fallback_without_the_native_library(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(checksum, "_native", lambda: None)
     data = random.Random(1).randbytes(10_000)

@@ -1,9 +1,8 @@
 """The payload checksum (XXH3-64, seed 0) without holding the GIL.
 
 python-xxhash computes the same value but holds the GIL while it hashes: 0.2-0.4 ms per 4 MiB payload here,
-during which a connector's event loop cannot send and a disk writer's loop cannot schedule. ``xxh3.c`` (written
-from the XXH3 specification, AVX2 when the CPU has it) runs through ctypes, which releases the GIL, so a PUT can
-hash its payload on one core while the loop sends that payload on the other (:func:`start`).
+during which the event loop cannot run (a disk write-behind thread hashing a chunk stalled remote I/O). ``xxh3.c``
+(written from the XXH3 specification, AVX2 when the CPU has it) runs through ctypes, which releases the GIL.
 
 Inputs of 240 bytes or less, and machines without a C compiler, use python-xxhash: the value is the same.
 """
@@ -12,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +18,12 @@ import xxhash
 
 from kvpipe.native import load_library
 
-__all__ = ["available", "start", "xxh3_64"]
+__all__ = ["available", "xxh3_64"]
 
 _LONG = 240  # XXH3's long-input path starts above this length
 _lock = threading.Lock()
 _fn: ctypes._CFuncPtr | None = None  # type: ignore[name-defined]
 _tried = False
-_executor: ThreadPoolExecutor | None = None
 
 
 def _native() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
@@ -61,13 +58,3 @@ def xxh3_64(data: object) -> int:
     arr = np.frombuffer(view.cast("B") if view.ndim != 1 or view.format != "B" else view, dtype=np.uint8)
     return int(fn(arr.ctypes.data, arr.size))
 
-
-def start(data: object) -> Future[int]:
-    """Start hashing ``data`` on a worker thread and return at once; ``data`` must stay alive and unchanged
-    until the future is done. The worker holds no GIL while it hashes (when the native hasher is available)."""
-    global _executor
-    if _executor is None:
-        with _lock:
-            if _executor is None:
-                _executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvpipe-checksum")
-    return _executor.submit(xxh3_64, data)
