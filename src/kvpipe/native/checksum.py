@@ -1,8 +1,9 @@
 """The payload checksum (XXH3-64, seed 0) without holding the GIL.
 
 python-xxhash computes the same value but holds the GIL while it hashes: 0.2-0.4 ms per 4 MiB payload here,
-during which the event loop cannot run (a disk write-behind thread hashing a chunk stalled remote I/O). ``xxh3.c``
-(written from the XXH3 specification, AVX2 when the CPU has it) runs through ctypes, which releases the GIL.
+during which no other Python thread runs, the event loop included (a disk writer's thread hashing a chunk holds up
+the loop's remote I/O). ``xxh3.c`` (written from the XXH3 specification, AVX2 when the CPU has it) runs through
+ctypes, which releases the GIL.
 
 Inputs of 240 bytes or less, and machines without a C compiler, use python-xxhash: the value is the same.
 """
