@@ -1,8 +1,10 @@
 """CacheGen on the real model's KV (SmolLM2-135M-Instruct, CPU): size and next-token quality.
 
-Figures measured by benchmarks/bench_cachegen.py (fp32 reference, 3 texts, 1536 positions): ratio ~3.53x vs
-fp16, top-1 agreement ~0.987, mean KL ~0.0008 (plain int8: 2x, 0.992, 0.00023; an fp16 cast: 1.0, 0). On the
-128 positions used here a single near-tie flip is 0.8%, so the floors leave room for that noise.
+Figures measured by benchmarks/bench_cachegen.py (fp32 reference, 3 texts, 1536 positions): ratio ~3.54x vs
+fp16, top-1 agreement ~0.991, mean KL ~0.00053 (plain int8: 2x, 0.992, 0.00023; an fp16 cast: 1.0, 0). On the
+128 positions used here the codec measures 0.969 / KL 0.0012 (container v1 defaults: 0.961 / 0.0019; one miss
+there has a 0.54-nat reference margin under either); a single near-tie flip is 0.8%, so the floors leave room
+for two flips and 2.5x the KL.
 """
 
 from __future__ import annotations
@@ -69,8 +71,8 @@ def test_top1_agreement_floor(smol: tuple[Any, Any], report_ids: torch.Tensor) -
     r = measure_quality(model, report_ids[:, :512], report_ids[:, 512:640], _codec(CacheGenSerde(), sizes),
                         greedy_steps=4)
     assert r.positions == 128
-    assert r.top1_agreement >= 0.92
-    assert r.kl_mean < 0.005
+    assert r.top1_agreement >= 0.95
+    assert r.kl_mean < 0.003
     assert sizes
 
 
