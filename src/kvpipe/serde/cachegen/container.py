@@ -42,9 +42,10 @@ Body, lossy mode, version 2 (sizes all follow from the header)::
     u32  [...]              coded words, segment after segment
 
 Version 1 differs only in its side information: one u8 per reference flag, bf16 anchor and residual scales, and
-one anchor table per segment (tables stored in coding order). Version 2 cuts the side information from ~7% to
-~3% of a SmolLM2 chunk (1/8-octave scale codes change the reconstruction by nothing measurable: the encoder
-quantizes with the coded values).
+one anchor table per segment (tables stored in coding order). Version 2 cuts the side information from 7.4% to
+3.8% of a SmolLM2 chunk; with the quantizer settings unchanged, the bench's 1536 positions went from 3.528x /
+KL 0.00082 to 3.652x / KL 0.00077 (the encoder quantizes with the coded scale values, so coarser scales cost no
+accuracy of their own).
 
 Every section is padded with zero bytes to a multiple of 4 (the checksum covers the padding).
 
