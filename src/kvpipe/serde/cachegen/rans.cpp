@@ -124,6 +124,38 @@ int decode_table(const uint16_t* in, int64_t n16, int64_t n, const uint32_t* slo
   return overrun ? -1 : 0;
 }
 
+// Decodes a short table (n symbols, n small next to the 4096-slot table) without building the slot table: the
+// slot's symbol is found by binary search over cum. Same arithmetic as decode_table, so the same output.
+int decode_table_small(const uint16_t* in, int64_t n16, int64_t n, const uint32_t* freq, const uint32_t* cum,
+                       int64_t alph, uint8_t* out) {
+  if (n16 < 8) return -1;
+  uint32_t x[4];
+  for (int j = 0; j < 4; ++j) x[j] = static_cast<uint32_t>(in[2 * j]) | (static_cast<uint32_t>(in[2 * j + 1]) << 16);
+  const uint16_t* p = in + 8;
+  const uint16_t* end = in + n16;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t& st = x[i & 3];
+    const uint32_t slot = st & (kProbScale - 1);
+    int64_t lo = 0, hi = alph - 1;  // the last symbol with cum <= slot (zero-frequency symbols never match)
+    while (lo < hi) {
+      const int64_t m = (lo + hi + 1) >> 1;
+      if (cum[m] <= slot) lo = m; else hi = m - 1;
+    }
+    while (freq[lo] == 0 && lo > 0) --lo;  // unreachable for a valid table; keeps a corrupt one in bounds
+    if (freq[lo] == 0 || slot - cum[lo] >= freq[lo]) return -1;
+    out[i] = static_cast<uint8_t>(lo);
+    st = freq[lo] * (st >> kProbBits) + (slot - cum[lo]);
+    if (st < kRansL) {
+      if (p >= end) return -1;
+      st = (st << 16) | *p++;
+    }
+  }
+  return 0;
+}
+
+// Tables with fewer symbols than this skip the slot table (building it writes 4096 words).
+constexpr int64_t kSmallTable = 512;
+
 }  // namespace
 
 extern "C" {
@@ -174,8 +206,15 @@ int64_t kvpipe_rans_decode(const uint32_t* words, const int64_t* seg_off, int64_
       if (counts[t] == 0) { p += nw; continue; }
       int64_t a = alph[t];
       if (a <= 0 || a > 256 || !normalize(freqs + freq_off[t], a, freq, cum)) { err = -(s + 1); break; }
-      build_slots(freq, cum, a, slots.data());
-      if (decode_table(reinterpret_cast<const uint16_t*>(p), n16, counts[t], slots.data(), out + sym_off[t]) != 0) {
+      const uint16_t* in16 = reinterpret_cast<const uint16_t*>(p);
+      int rc;
+      if (counts[t] < kSmallTable) {
+        rc = decode_table_small(in16, n16, counts[t], freq, cum, a, out + sym_off[t]);
+      } else {
+        build_slots(freq, cum, a, slots.data());
+        rc = decode_table(in16, n16, counts[t], slots.data(), out + sym_off[t]);
+      }
+      if (rc != 0) {
         err = -(s + 1);
         break;
       }
@@ -283,9 +322,16 @@ int64_t kvpipe_cg_decode_lossy(const uint32_t* words, const int64_t* seg_off, in
       int64_t n = counts[t];
       if (n != (k == 0 ? Ta * C : T * tg) || a <= 0 || a > 256 ||
           !normalize(freqs + freq_off[t], a, freq, cum)) { ok = false; break; }
-      build_slots(freq, cum, a, slots.data());
       uint8_t* dst = k == 0 ? abuf.data() : dbuf.data();
-      if (decode_table(reinterpret_cast<const uint16_t*>(p), n16, n, slots.data(), dst) != 0) {
+      const uint16_t* in16 = reinterpret_cast<const uint16_t*>(p);
+      int rc;
+      if (n < kSmallTable) {
+        rc = decode_table_small(in16, n16, n, freq, cum, a, dst);
+      } else {
+        build_slots(freq, cum, a, slots.data());
+        rc = decode_table(in16, n16, n, slots.data(), dst);
+      }
+      if (rc != 0) {
         ok = false;
         break;
       }
