@@ -2,20 +2,16 @@
 through ctypes (which releases the GIL), segments coded in parallel with OpenMP.
 
 constriction decodes ~30-50 M symbols/s on one core and holds the GIL; this coder's 4-state interleaved decoder
-with a 4096-slot lookup table is several times faster and uses both cores. Built on first use into
-``$KVPIPE_CACHE_DIR/native`` (default ``~/.cache/kvpipe/native``), keyed by the source's hash; without a compiler
-:func:`available` is ``False`` and the serde keeps using constriction.
+with a 4096-slot lookup table is several times faster and uses both cores. Built on first use by
+:func:`kvpipe.native.load_library` (into ``$KVPIPE_CACHE_DIR/native``, keyed by the source's hash); without a
+compiler :func:`available` is ``False`` and the serde keeps using constriction.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
-import shutil
-import subprocess
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -23,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from kvpipe.errors import CorruptEntry
+from kvpipe.native import load_library
 
 __all__ = ["available", "decode", "encode"]
 
@@ -36,41 +33,11 @@ _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 
 
-def _cache_dir() -> Path:
-    env = os.environ.get("KVPIPE_CACHE_DIR")
-    if env:
-        return Path(env).expanduser() / "native"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "kvpipe" / "native"
-
-
 def _build() -> ctypes.CDLL | None:
-    src = _SRC.read_bytes()
-    digest = hashlib.sha256(src).hexdigest()[:16]
-    target = _cache_dir() / f"kvpipe_rans_{digest}.so"
-    if not target.is_file():
-        cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
-        if cxx is None:
-            logger.info("no C++ compiler: cachegen uses the constriction coder")
-            return None
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
-        base = [cxx, "-O3", "-shared", "-fPIC", "-std=c++17", str(_SRC), "-o", tmp]
-        try:
-            for flags in (["-fopenmp"], []):
-                res = subprocess.run(base + flags, capture_output=True, text=True, check=False)
-                if res.returncode == 0:
-                    os.replace(tmp, target)  # atomic: a concurrent builder's identical file is fine
-                    break
-                logger.debug("building the cachegen coder with %s failed: %s", flags, res.stderr[-2000:])
-            else:
-                logger.warning("could not build the native cachegen coder; using constriction")
-                return None
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    lib = ctypes.CDLL(str(target))
+    lib = load_library(_SRC, "kvpipe_rans", (["-fopenmp"], []))
+    if lib is None:
+        logger.info("native cachegen coder not built: cachegen uses the constriction coder")
+        return None
     lib.kvpipe_rans_encode.restype = _I64
     lib.kvpipe_rans_encode.argtypes = [_P, _I64, _P, _P, _P, _P, _P, _P, _P, _P, _P, ctypes.c_int]
     lib.kvpipe_rans_decode.restype = _I64
