@@ -21,7 +21,7 @@ import yaml
 
 from kvpipe.errors import ConfigError
 
-__all__ = ["Config", "known_keys"]
+__all__ = ["Config", "known_keys", "parse_bool"]
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,8 @@ def _expect(name: str, value: object, what: str) -> ConfigError:
     return ConfigError(f"{name}: got {value!r}, expected {what}")
 
 
-def _bool(name: str, v: object) -> bool:
+def parse_bool(name: str, v: object) -> bool:
+    """A config value as a bool (bools, 0/1, true/false/yes/no/on/off). :raises ConfigError: naming ``name``."""
     if isinstance(v, bool):
         return v
     if isinstance(v, int) and v in (0, 1):
@@ -186,16 +187,16 @@ class Config:
 
     # --- chunks and tiers
     chunk_size: int = _f(256, _int(1), "tokens per KV chunk")
-    local_cpu: bool = _f(True, _bool, "keep chunks in the CPU pool (the hot cache in front of disk and remote)")
+    local_cpu: bool = _f(True, parse_bool, "keep chunks in the CPU pool (the hot cache in front of disk and remote)")
     max_local_cpu_size: float = _f(5.0, _float(0, strict=True), "GB of host memory for the CPU pool (> 0)")
-    local_cpu_use_hugepages: bool = _f(False, _bool, "allocate the CPU pool on 2 MiB hugepages")
-    local_cpu_prefault: bool = _f(True, _bool, "make the CPU pool resident at start (in the background)")
+    local_cpu_use_hugepages: bool = _f(False, parse_bool, "allocate the CPU pool on 2 MiB hugepages")
+    local_cpu_prefault: bool = _f(True, parse_bool, "make the CPU pool resident at start (in the background)")
     local_disk: str | None = _f(None, _opt_str, "disk tier directory: file:///path or a path; None disables")
     max_local_disk_size: float = _f(20.0, _float(0, strict=True), "GB the disk tier may hold (LRU beyond)")
     local_disk_serde: str = _f("naive", _choice("naive", "cachegen"), "serde of disk entries")
     remote_url: str | None = _f(None, _url, "remote tier URL (redis://, redis-sentinel://, lm://, ...); None: none")
     remote_serde: str = _f("naive", _choice("naive", "cachegen"), "serde of remote entries")
-    save_unfull_chunk: bool = _f(False, _bool, "also store the last partial chunk of a request")
+    save_unfull_chunk: bool = _f(False, parse_bool, "also store the last partial chunk of a request")
     blocking_timeout_secs: float = _f(10.0, _float(0, strict=True), "deadline of one remote call, seconds")
     cache_policy: str = _f("LRU", lambda n, v: _str(n, v).upper(), "eviction policy of the CPU and disk tiers")
     pin_lease_secs: float = _f(600.0, _float(0, strict=True), "how long a pin lasts unless renewed, seconds")
@@ -208,20 +209,20 @@ class Config:
     kv_dtype: str = _f("float16", _str, "KV dtype in every key (float16, bfloat16, float32, ...)")
     key_format: str = _f("kvpipe", _str, "format prefix of every key (LMCache uses the engine name, e.g. vllm)")
     # --- controller and P2P (002)
-    enable_controller: bool = _f(False, _bool, "register this instance with a kvpipe controller")
+    enable_controller: bool = _f(False, parse_bool, "register this instance with a kvpipe controller")
     lmcache_instance_id: str = _f("kvpipe_instance", _str, "this instance's id at the controller", "instance_id")
     controller_url: str | None = _f(None, _hostport, "controller HTTP host:port")
     controller_pull_url: str | None = _f(None, _hostport, "controller pull endpoint host:port")
     controller_reply_url: str | None = _f(None, _hostport, "controller reply endpoint host:port")
     lmcache_worker_ports: tuple[int, ...] = _f((), _ports, "worker command ports, one per rank", "worker_ports")
-    enable_p2p: bool = _f(False, _bool, "share KV with other instances peer to peer")
+    enable_p2p: bool = _f(False, parse_bool, "share KV with other instances peer to peer")
     p2p_host: str | None = _f(None, _opt_str, "address peers reach this instance on")
     p2p_init_ports: tuple[int, ...] = _f((), _ports, "P2P transfer ports, one per rank")
     p2p_lookup_ports: tuple[int, ...] = _f((), _ports, "P2P lookup ports, one per rank")
     transfer_channel: str | None = _f(None, _opt_str, "P2P transfer channel (nixl, tcp)")
     shm_name: str | None = _f(None, _opt_str, "shared-memory segment name")
     # --- CacheBlend (003)
-    enable_blending: bool = _f(False, _bool, "reuse non-prefix chunks with selective recompute (CacheBlend)")
+    enable_blending: bool = _f(False, parse_bool, "reuse non-prefix chunks with selective recompute (CacheBlend)")
     blend_check_layers: tuple[int, ...] | None = _f(None, _int_list, "layers checked for KV deviation",
                                                     "check_layers")
     blend_recompute_ratios: tuple[float, ...] | None = _f(None, _float_list, "share of tokens recomputed",
@@ -231,7 +232,7 @@ class Config:
     # --- CacheGen (issue 5)
     cachegen_bins: tuple[int, ...] | None = _f(None, _int_list, "quantization bins per layer group")
     cachegen_anchor_group: int = _f(256, _int(1), "tokens per CacheGen anchor group (256: one per chunk)")
-    cachegen_lossless: bool = _f(False, _bool, "CacheGen: code the symbols losslessly (tests)")
+    cachegen_lossless: bool = _f(False, parse_bool, "CacheGen: code the symbols losslessly (tests)")
     cachegen_key_bins: tuple[int, ...] | None = _f(None, _int_list, "CacheGen: K bins per layer (last repeats)")
     cachegen_value_bins: tuple[int, ...] | None = _f(None, _int_list, "CacheGen: V bins per layer (last repeats)")
     cachegen_anchor_bins: int = _f(254, _int(2), "CacheGen: quantization bins of anchor tokens (2..254)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from kvpipe.config import parse_bool
 from kvpipe.hookspecs import hookimpl
 
 if TYPE_CHECKING:
@@ -39,7 +40,8 @@ def connector_for_url(url: str, config: Config | None = None) -> Connector | Non
 
         return RedisConnector.from_url(url, master_name=extra.get("redis_sentinel_master"),
                                        max_connections=int(maxc) if maxc else None,
-                                       read_from_replicas=extra.get("redis_read_from_replicas"))
+                                       read_from_replicas=parse_bool("redis_read_from_replicas",
+                                                                     extra.get("redis_read_from_replicas", False)))
     if scheme == "lm":
         from kvpipe.connectors.lm import LmConnector
 

@@ -169,7 +169,7 @@ class RedisConnector:
     # -- construction -------------------------------------------------------------------------------------------
     @classmethod
     def from_url(cls, url: str, *, master_name: str | None = None, max_connections: int | None = None,
-                 read_from_replicas: object = None) -> RedisConnector:
+                 read_from_replicas: bool = False) -> RedisConnector:
         """Parse a Redis-family URL (``master_name`` is the Sentinel master when the URL names none).
 
         ``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` (TLS; ``?ssl_cert_reqs=none``,
@@ -188,7 +188,6 @@ class RedisConnector:
         u = parse_redis_url(url, master_name=master_name, max_connections=max_connections,
                             read_from_replicas=read_from_replicas)
         return cls(url=url, **attrs.asdict(u, recurse=False))
-
 
     @property
     def _safe_url(self) -> str:

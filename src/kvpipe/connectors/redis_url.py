@@ -99,7 +99,7 @@ class RedisUrl:
 
 
 def parse_redis_url(url: str, *, master_name: str | None = None, max_connections: int | None = None,
-                    read_from_replicas: object = None) -> RedisUrl:
+                    read_from_replicas: bool = False) -> RedisUrl:
     """Parse ``url`` (see :meth:`RedisConnector.from_url <kvpipe.connectors.redis.RedisConnector.from_url>` for
     the forms and options); ``read_from_replicas``: the config's default for the URL option of that name.
 
@@ -153,14 +153,7 @@ def parse_redis_url(url: str, *, master_name: str | None = None, max_connections
     ctx = None
     if scheme in ("rediss", "valkeys") or _bool_opt(q, "ssl", url, False):
         ctx = _ssl_context(q, url)
-    default: bool | None = False
-    if isinstance(read_from_replicas, bool):  # the config's value; the URL's own option wins
-        default = read_from_replicas
-    elif read_from_replicas is not None:
-        default = _BOOLS.get(str(read_from_replicas).strip().lower())
-        if default is None:
-            raise ConfigError(f"redis_read_from_replicas must be true or false, got {read_from_replicas!r}")
-    replicas = _bool_opt(q, "read_from_replicas", url, bool(default))
+    replicas = _bool_opt(q, "read_from_replicas", url, read_from_replicas)  # the URL's option wins
     if replicas and mode != "sentinel":
         raise ConfigError(f"remote_url={url!r}: read_from_replicas is supported with redis-sentinel:// only")
     return RedisUrl(mode=mode, addrs=addrs, username=username, password=password, db=db, ssl_context=ctx,

@@ -29,7 +29,7 @@ import xxhash
 
 from kvpipe.errors import CorruptEntry
 from kvpipe.keys import ChunkKey
-from kvpipe.native.checksum import xxh3_64
+from kvpipe.native import checksum as _checksum
 
 __all__ = [
     "DTYPE_CODES",
@@ -87,7 +87,7 @@ def dtype_from_name(name: str) -> torch.dtype:
 def payload_checksum(payload: object) -> int:
     """xxh3_64 of a bytes-like payload (a buffer; not copied), computed without holding the GIL where the native
     hasher is built (:mod:`kvpipe.native.checksum`)."""
-    return xxh3_64(payload)
+    return _checksum.xxh3_64(payload)
 
 
 def payload_digest() -> xxhash.xxh3_64:

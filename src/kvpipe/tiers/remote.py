@@ -41,9 +41,8 @@ from kvpipe.connectors.base import Connector, GetResult
 from kvpipe.errors import CapacityError, CorruptEntry, ProtocolError, TierError, TierUnavailable
 from kvpipe.keys import ChunkKey
 from kvpipe.memory.pool import MemoryObj
-from kvpipe.native import checksum
 from kvpipe.serde.base import Serde
-from kvpipe.serde.entry import EntryHeader, key_fingerprint
+from kvpipe.serde.entry import EntryHeader, key_fingerprint, payload_checksum
 from kvpipe.tiers.base import TierContext, TierStats
 
 __all__ = ["RemoteTier", "open_remote_tier"]
@@ -416,11 +415,10 @@ class RemoteTier:
 _CORRUPT: Any = object()
 
 
-
 def _encode_and_hash(serde: Serde, kv: torch.Tensor) -> tuple[memoryview, int]:
     """Encode ``kv`` and hash the payload (on a worker thread: neither holds the GIL for long)."""
     payload = memoryview(serde.encode(kv)).cast("B")
-    return payload, checksum.xxh3_64(payload)
+    return payload, payload_checksum(payload)
 
 
 async def open_remote_tier(url: str, ctx: TierContext, connector: Connector) -> RemoteTier:
