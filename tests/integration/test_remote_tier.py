@@ -183,6 +183,36 @@ async def test_redis_layout_setrange_and_half_entries(valkey: ServerProc, key_mo
         r.close()
 
 
+async def test_redis_mixed_batch_half_entries_anywhere(valkey: ServerProc, key_model: str) -> None:
+    """A batch read asks for each payload only once the one before it arrives (and only for entries with a
+    header): hits stay paired with their own entries whatever the misses and half entries around them, including
+    a header-less payload in first place (whose payload is asked for before its header is seen)."""
+    url = f"redis://127.0.0.1:{valkey.port}"
+    r = redis.Redis(port=valkey.port)
+    tier = await open_tier(url)
+    try:
+        keys = [key(key_model, i) for i in range(7)]
+        objs = [chunk(i) for i in range(7)]
+        assert await tier.put_many(keys, objs) == 7
+        s = [k.to_string() for k in keys]
+        r.delete(s[0] + "metadata")  # payload without header, first in the batch
+        r.delete(s[2] + "metadata", s[2] + "kv_bytes")  # gone entirely: a plain miss
+        r.delete(s[4] + "kv_bytes")  # header without payload
+        r.delete(s[6] + "metadata")  # payload without header, last in the batch
+        got = await tier.get_many(keys)
+        assert [g is not None for g in got] == [False, True, False, True, False, True, False]
+        for i in (1, 3, 5):
+            g = got[i]
+            assert g is not None and torch.equal(g.tensor, objs[i].tensor)
+        release_all(got)
+        left = sorted(r.keys(f"*{key_model}*"))
+        assert left == sorted((s[i] + sfx).encode() for i in (1, 3, 5) for sfx in ("kv_bytes", "metadata"))
+        assert tier.statistics().corrupt == 0
+    finally:
+        await tier.aclose()
+        r.close()
+
+
 async def test_cluster_spreads_entries_and_cleans_half_entries(cluster: ValkeyCluster, key_model: str) -> None:
     rc = redis.cluster.RedisCluster(host="127.0.0.1", port=cluster.nodes[0].port)
     tier = await open_tier(cluster.url)

@@ -107,6 +107,21 @@ def _check(reply: Any, what: str) -> Any:
     return reply
 
 
+def _sender(io: SocketIO, bufs: Sequence[Buffer]) -> Callable[[], Awaitable[None]] | None:
+    """``read_bulk_into``'s ``on_header``: send the next command(s) once the current big reply starts arriving.
+
+    Why not pipeline every payload GET at once: the server copies each queued reply into its output buffer, and
+    with 8 x 4 MiB queued a batch moved at about half the speed of asking for one value while the previous one
+    drains (measured here with a raw client: 0.8-2.1 vs 1.6-2.3 GB/s). Asking one ahead keeps the server busy and
+    its buffer at one or two values."""
+    if not bufs:
+        return None
+
+    async def send() -> None:
+        await io.send_all(bufs)
+    return send
+
+
 async def _gather(fns: Sequence[Callable[[], Coroutine[Any, Any, None]]]) -> None:
     """Run ``fns`` concurrently; re-raise the first failure unwrapped (not as an ExceptionGroup)."""
     if len(fns) == 1:
@@ -515,16 +530,22 @@ class RedisConnector:
     async def _get_pipelined(self, node: _Node, keys: Sequence[str], todo: Sequence[int], read_into: ReadInto,
                              out: list[GetResult | None], orphans: list[str], done: set[int], started: set[int]
                              ) -> None:
-        """``GET`` both parts of entries ``todo`` from one server, pipelined."""
+        """Both parts of entries ``todo`` from one server: the headers of all and the first payload in one
+        round trip, then each further payload asked for as the one before it starts arriving (only for entries
+        that have a header; the others are checked for a header-less payload with ``EXISTS``)."""
+        first = todo[0]
         bufs: list[Buffer] = []
         for i in todo:
             bufs += encode_command("GET", keys[i] + META_SUFFIX)
-            bufs += encode_command("GET", keys[i] + KV_SUFFIX)
+        bufs += encode_command("GET", keys[first] + KV_SUFFIX)
         async with self._conn(node) as io:
             await io.send_all(bufs)
-            for i in todo:
-                k = keys[i]
-                meta = _check(await read_reply(io), f"GET {k}{META_SUFFIX}")
+            metas = {i: _check(await read_reply(io), f"GET {keys[i]}{META_SUFFIX}") for i in todo}
+            fetch = [first] + [i for i in todo[1:] if isinstance(metas[i], bytes)]
+            probe = [i for i in todo[1:] if metas[i] is None]
+            probe_cmds = [b for i in probe for b in encode_command("EXISTS", keys[i] + KV_SUFFIX)]
+            for j, i in enumerate(fetch):
+                k, meta = keys[i], metas[i]
 
                 def target(_n: int, meta: Any = meta, k: str = k, i: int = i) -> memoryview | None:
                     if not isinstance(meta, bytes):
@@ -532,8 +553,9 @@ class RedisConnector:
                     started.add(i)
                     return read_into(meta, k)
 
+                nxt = encode_command("GET", keys[fetch[j + 1]] + KV_SUFFIX) if j + 1 < len(fetch) else probe_cmds
                 digest = payload_digest()
-                res = _check(await read_bulk_into(io, target, digest), f"GET {k}{KV_SUFFIX}")
+                res = _check(await read_bulk_into(io, target, digest, _sender(io, nxt)), f"GET {k}{KV_SUFFIX}")
                 n, view = res
                 done.add(i)
                 if meta is None and n < 0:
@@ -542,10 +564,15 @@ class RedisConnector:
                     orphans.append(k)
                     continue
                 out[i] = (meta, view, digest.intdigest()) if view is not None else (meta, _EMPTY)
+            for i in probe:
+                if _check(await read_reply(io), f"EXISTS {keys[i]}{KV_SUFFIX}") == 1:
+                    orphans.append(keys[i])  # a payload without header
+                done.add(i)
 
     async def _get_payloads(self, keys: Sequence[str], todo: list[int], metas: list[Any], read_into: ReadInto,
                             out: list[GetResult | None]) -> list[int]:
-        """Read the payloads of entries ``todo`` (whose headers are ``metas``); returns those with no payload."""
+        """Read the payloads of entries ``todo`` (whose headers are ``metas``), each asked for as the one before
+        it on the same node starts arriving; returns those with no payload."""
         no_payload: list[int] = []
         groups: dict[_Node, list[int]] = defaultdict(list)
         for i in todo:
@@ -554,18 +581,16 @@ class RedisConnector:
         def runner(node: _Node, idxs: list[int]) -> Callable[[], Coroutine[Any, Any, None]]:
             async def run() -> None:
                 async with self._conn(node) as io:
-                    bufs: list[Buffer] = []
-                    for i in idxs:
-                        bufs += encode_command("GET", keys[i] + KV_SUFFIX)
-                    await io.send_all(bufs)
-                    for i in idxs:
+                    await io.send_all(encode_command("GET", keys[idxs[0]] + KV_SUFFIX))
+                    for j, i in enumerate(idxs):
                         meta = metas[i]
 
                         def target(_n: int, meta: bytes = meta, k: str = keys[i]) -> memoryview | None:
                             return read_into(meta, k)
 
+                        nxt = encode_command("GET", keys[idxs[j + 1]] + KV_SUFFIX) if j + 1 < len(idxs) else []
                         digest = payload_digest()
-                        res = await read_bulk_into(io, target, digest)
+                        res = await read_bulk_into(io, target, digest, _sender(io, nxt))
                         if isinstance(res, RespError):
                             if res.kind in ("MOVED", "ASK"):
                                 self._slots = None

@@ -8,7 +8,7 @@ into a caller's buffer (:func:`read_bulk_into`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import attrs
@@ -95,17 +95,21 @@ async def read_reply(io: SocketIO) -> Any:
     raise ProtocolError(f"unexpected RESP type {t!r}")
 
 
-async def read_bulk_into(io: SocketIO, target: BulkTarget, digest: Digest | None = None
+async def read_bulk_into(io: SocketIO, target: BulkTarget, digest: Digest | None = None,
+                         on_header: Callable[[], Awaitable[None]] | None = None
                          ) -> tuple[int, memoryview | None] | RespError:
     """Read one bulk reply into ``target(length)``'s buffer.
 
     Returns ``(length, view)``: ``length`` -1 for a nil reply; ``view`` the filled part of the buffer, or ``None``
     when the target refused it or was too small (the bytes were then discarded). ``digest`` is updated with the
-    payload as it arrives (see :meth:`SocketIO.read_into`).
+    payload as it arrives (see :meth:`SocketIO.read_into`). ``on_header`` is awaited once the reply's first line
+    has arrived, before its payload is read (whatever the reply is): the moment to ask for the next big value.
 
     :raises ProtocolError: on a reply that is not a bulk string or an error.
     """
     line = await io.readline(_MAX_LINE)
+    if on_header is not None:
+        await on_header()
     t = line[:1]
     if t == b"-":
         return RespError(line[1:].decode(errors="replace"))
