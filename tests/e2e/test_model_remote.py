@@ -62,9 +62,9 @@ def test_query_twice_through_redis(smol: tuple[Any, Any], prompt: list[int], ref
         assert cold.hit_tokens == 0 and cold.stored_tokens == 512
         cache.flush()  # the remote tier writes behind
 
-    r = redis.Redis(port=valkey.port)
+    r = redis.Redis(port=valkey.port, decode_responses=True)
     try:
-        keys = sorted(k.decode() for k in r.keys(f"*{cfg.model_name}*"))
+        keys = sorted(r.keys(f"*{cfg.model_name}*"))
         assert len(keys) == 4  # two chunks, each as <key>kv_bytes + <key>metadata
         assert sum(k.endswith("kv_bytes") for k in keys) == 2 and sum(k.endswith("metadata") for k in keys) == 2
     finally:
