@@ -238,6 +238,16 @@ def test_factory_reads_config_keys() -> None:
     assert create_cachegen_serde(object()).anchor_group == 256
 
 
+def test_factory_lossless_flag_strict() -> None:
+    class Cfg:
+        extra_config: dict[str, object] = {"cachegen_lossless": "yes"}
+
+    assert create_cachegen_serde(Cfg()).lossless
+    Cfg.extra_config = {"cachegen_lossless": "maybe"}  # was silently false; now the one-line error of every bool key
+    with pytest.raises(ConfigError, match="cachegen_lossless: got 'maybe', expected true or false"):
+        create_cachegen_serde(Cfg())
+
+
 @pytest.mark.parametrize("kw", [{"key_bins": 1}, {"value_bins": [16, 300]}, {"anchor_group": 0},
                                 {"anchor_bins": 255}, {"coder": "zstd"}, {"table_group": -1}])
 def test_bad_config_is_config_error(kw: dict[str, object]) -> None:

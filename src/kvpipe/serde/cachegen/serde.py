@@ -10,6 +10,7 @@ import attrs
 import numpy as np
 import torch
 
+from kvpipe.config import parse_bool
 from kvpipe.errors import ConfigError, CorruptEntry
 from kvpipe.serde.cachegen import coder as _coder
 from kvpipe.serde.cachegen.container import (
@@ -291,11 +292,6 @@ def create_cachegen_serde(config: Any) -> CacheGenSerde:
             return parts[0] if len(parts) == 1 else parts
         return [int(v) for v in value]
 
-    def as_bool(value: Any) -> bool:
-        if isinstance(value, str):
-            return value.strip().lower() in ("1", "true", "yes", "on")
-        return bool(value)
-
     both = as_bins(opt("cachegen_bins", None))
     try:
         return CacheGenSerde(key_bins=as_bins(opt("cachegen_key_bins", both)),
@@ -303,7 +299,7 @@ def create_cachegen_serde(config: Any) -> CacheGenSerde:
                              anchor_group=int(opt("cachegen_anchor_group", 256)),
                              anchor_bins=int(opt("cachegen_anchor_bins", 254)),
                              table_group=int(opt("cachegen_table_group", 0)),
-                             lossless=as_bool(opt("cachegen_lossless", False)),
+                             lossless=parse_bool("cachegen_lossless", opt("cachegen_lossless", False)),
                              coder=str(opt("cachegen_coder", "auto")))
     except (TypeError, ValueError) as e:
         if isinstance(e, ConfigError):
