@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from kvpipe.config import Config
@@ -48,6 +50,30 @@ def test_lm_and_mock_urls() -> None:
     assert MockConnector.from_url("mock://s1").store is m.store
     with pytest.raises(ConfigError):
         MockConnector.from_url("mock://x?latency_ms=-1")
+
+
+@pytest.mark.parametrize(("url", "msg"), [
+    ("lm://h:1?max_connections=lots", "max_connections must be an integer, got 'lots'"),
+    ("redis://h:1?max_connections=2.5", "max_connections must be an integer, got '2.5'"),
+    ("mock://x?latency_ms=-1", "latency_ms must be >= 0, got '-1'"),
+    ("mock://x?bandwidth_gbps=fast", "bandwidth_gbps must be a number, got 'fast'"),
+    ("mock://x?fail_every=-2", "fail_every must be >= 0"),
+    ("redis://h:1?ssl=maybe", "ssl must be true or false, got 'maybe'"),
+    ("redis://h:1", "expected a URL starting with lm://"),
+])
+def test_url_option_errors_name_the_option(url: str, msg: str) -> None:
+    """Every connector's query options go through one parser: one line naming the URL, the option and the value."""
+    parse = {"lm": LmConnector.from_url, "redis": RedisConnector.from_url, "mock": MockConnector.from_url}
+    scheme = url.split(":", 1)[0]
+    fn = LmConnector.from_url if "lm://" in msg else parse[scheme]
+    with pytest.raises(ConfigError, match=re.escape(msg)) as e:
+        fn(url)
+    assert str(e.value).startswith(f"remote_url={url!r}: ") and "\n" not in str(e.value)
+
+
+def test_url_options_last_value_wins() -> None:
+    assert LmConnector.from_url("lm://h:1?max_connections=2&max_connections=5").max_connections == 5
+    assert MockConnector.from_url("mock://lw?fail_every=3&fail_every=0").fail_every == 0
 
 
 def test_plugin_dispatch() -> None:

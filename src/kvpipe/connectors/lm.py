@@ -13,12 +13,13 @@ import itertools
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import unquote
 
 import attrs
 
 from kvpipe.connectors.base import GetResult, ReadInto
 from kvpipe.connectors.sockio import ConnectionPool, SocketIO, connect_tcp
+from kvpipe.connectors.urlopts import number_opt, split_url
 from kvpipe.errors import ConfigError, ProtocolError, TierError, TierUnavailable
 from kvpipe.lm.protocol import (
     FRAME_SIZE,
@@ -59,21 +60,15 @@ class LmConnector:
 
         :raises ConfigError: for a malformed URL.
         """
-        parts = urlsplit(url)
-        if parts.scheme != "lm":
-            raise ConfigError(f"remote_url={url!r}: expected an lm:// URL")
+        parts, q = split_url(url, "lm")
         try:
             host, port = parts.hostname, parts.port
         except ValueError:
             raise ConfigError(f"remote_url={url!r}: bad port") from None
         if not host or port is None:
             raise ConfigError(f"remote_url={url!r}: expected lm://host:port")
-        q = parse_qs(parts.query)
-        token = q.get("auth_token", [None])[0] or (unquote(parts.password) if parts.password else None)
-        try:
-            maxc = int(q.get("max_connections", ["8"])[0])
-        except ValueError:
-            raise ConfigError(f"remote_url={url!r}: max_connections must be an integer") from None
+        token = q.get("auth_token") or (unquote(parts.password) if parts.password else None)
+        maxc = int(number_opt(q, "max_connections", url, 8))
         return cls(url=url, host=host, port=port, auth_token=token, max_connections=max(1, maxc))
 
     async def _connect(self) -> SocketIO:

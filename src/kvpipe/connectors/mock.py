@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Sequence
-from urllib.parse import parse_qs, urlsplit
 
 import anyio
 import attrs
 
 from kvpipe.connectors.base import GetResult, ReadInto
-from kvpipe.errors import ConfigError, TierUnavailable
+from kvpipe.connectors.urlopts import number_opt, split_url
+from kvpipe.errors import TierUnavailable
 
 __all__ = ["MockConnector", "MockStore", "mock_store"]
 
@@ -58,18 +58,10 @@ class MockConnector:
 
         :raises ConfigError: for a bad number.
         """
-        parts = urlsplit(url)
-        if parts.scheme != "mock":
-            raise ConfigError(f"remote_url={url!r}: expected a mock:// URL")
-        q = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-        try:
-            latency = float(q.get("latency_ms", "0")) / 1e3
-            bw = float(q.get("bandwidth_gbps", "0")) * 1e9 / 8
-            fail_every = int(q.get("fail_every", "0"))
-        except ValueError as exc:
-            raise ConfigError(f"remote_url={url!r}: {exc}") from None
-        if latency < 0 or bw < 0 or fail_every < 0:
-            raise ConfigError(f"remote_url={url!r}: latency_ms, bandwidth_gbps and fail_every must be >= 0")
+        parts, q = split_url(url, "mock")
+        latency = number_opt(q, "latency_ms", url, 0.0, minimum=0) / 1e3
+        bw = number_opt(q, "bandwidth_gbps", url, 0.0, minimum=0) * 1e9 / 8
+        fail_every = int(number_opt(q, "fail_every", url, 0, minimum=0))
         name = (parts.netloc + parts.path) or "default"
         return cls(url=url, store=mock_store(name), latency_s=latency, bandwidth_bps=bw, fail_every=fail_every)
 

@@ -7,10 +7,11 @@ Every problem is a one-line :class:`~kvpipe.errors.ConfigError` naming the URL a
 from __future__ import annotations
 
 import ssl
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import unquote
 
 import attrs
 
+from kvpipe.connectors.urlopts import bool_opt, number_opt, split_url
 from kvpipe.errors import ConfigError
 
 __all__ = ["Addr", "RedisUrl", "parse_redis_url"]
@@ -18,7 +19,6 @@ __all__ = ["Addr", "RedisUrl", "parse_redis_url"]
 _SCHEMES = {"redis": "single", "rediss": "single", "valkey": "single", "valkeys": "single", "unix": "single",
             "redis-sentinel": "sentinel", "redis-cluster": "cluster", "valkey-cluster": "cluster",
             "valkey-sentinel": "sentinel"}
-_BOOLS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 _CERT_REQS = {"none": ssl.CERT_NONE, "cert_none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL,
               "cert_optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED, "cert_required": ssl.CERT_REQUIRED}
 
@@ -56,16 +56,6 @@ def _parse_hosts(hostlist: str, default_port: int, url: str) -> list[Addr]:
     return out
 
 
-def _bool_opt(q: dict[str, str], name: str, url: str, default: bool) -> bool:
-    v = q.get(name)
-    if v is None:
-        return default
-    b = _BOOLS.get(v.strip().lower())
-    if b is None:
-        raise ConfigError(f"remote_url={url!r}: {name} must be true or false, got {v!r}")
-    return b
-
-
 def _ssl_context(q: dict[str, str], url: str) -> ssl.SSLContext:
     """The client TLS context for redis-py's ``ssl_*`` URL options."""
     reqs_s = q.get("ssl_cert_reqs", "required")
@@ -77,7 +67,7 @@ def _ssl_context(q: dict[str, str], url: str) -> ssl.SSLContext:
         ctx = ssl.create_default_context(cafile=cafile)
     except OSError as exc:  # a missing file, or not PEM certificates (ssl.SSLError is an OSError)
         raise ConfigError(f"remote_url={url!r}: cannot load ssl_ca_certs={cafile!r}: {exc}") from None
-    ctx.check_hostname = reqs != ssl.CERT_NONE and _bool_opt(q, "ssl_check_hostname", url, True)
+    ctx.check_hostname = reqs != ssl.CERT_NONE and bool_opt(q, "ssl_check_hostname", url, True)
     ctx.verify_mode = reqs
     return ctx
 
@@ -110,8 +100,7 @@ def parse_redis_url(url: str, *, master_name: str | None = None, max_connections
     mode = _SCHEMES.get(scheme.lower())
     if not sep or mode is None:
         raise ConfigError(f"remote_url={url!r}: expected one of " + ", ".join(f"{s}://" for s in _SCHEMES))
-    parts = urlsplit(url)
-    q = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    parts, q = split_url(url)
     netloc = parts.netloc
     userinfo, at, hostlist = netloc.rpartition("@")
     username = password = None
@@ -146,14 +135,11 @@ def parse_redis_url(url: str, *, master_name: str | None = None, max_connections
         raise ConfigError(f"remote_url={url!r}: database must be an integer, got {db_s!r}") from None
     if mode == "cluster" and db:
         raise ConfigError(f"remote_url={url!r}: Redis Cluster has only database 0")
-    try:
-        maxc = max_connections or int(q.get("max_connections", "8"))
-    except ValueError:
-        raise ConfigError(f"remote_url={url!r}: max_connections must be an integer") from None
+    maxc = max_connections or int(number_opt(q, "max_connections", url, 8))
     ctx = None
-    if scheme in ("rediss", "valkeys") or _bool_opt(q, "ssl", url, False):
+    if scheme in ("rediss", "valkeys") or bool_opt(q, "ssl", url, False):
         ctx = _ssl_context(q, url)
-    replicas = _bool_opt(q, "read_from_replicas", url, read_from_replicas)  # the URL's option wins
+    replicas = bool_opt(q, "read_from_replicas", url, read_from_replicas)  # the URL's option wins
     if replicas and mode != "sentinel":
         raise ConfigError(f"remote_url={url!r}: read_from_replicas is supported with redis-sentinel:// only")
     return RedisUrl(mode=mode, addrs=addrs, username=username, password=password, db=db, ssl_context=ctx,

@@ -1,0 +1,56 @@
+"""Query options of ``remote_url`` values, shared by the connectors' ``from_url`` parsers.
+
+Every bad value is one :class:`~kvpipe.errors.ConfigError` line naming the URL and the option. A query option given
+twice takes its last value, as redis-py does.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import SplitResult, parse_qs, urlsplit
+
+from kvpipe.errors import ConfigError
+
+__all__ = ["bool_opt", "number_opt", "split_url"]
+
+_BOOLS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+
+
+def split_url(url: str, scheme: str | None = None) -> tuple[SplitResult, dict[str, str]]:
+    """``url``'s parts and its query options (last value wins).
+
+    :raises ConfigError: when ``scheme`` is given and the URL has another one.
+    """
+    parts = urlsplit(url)
+    if scheme is not None and parts.scheme != scheme:
+        raise ConfigError(f"remote_url={url!r}: expected a URL starting with {scheme}://")
+    return parts, {k: v[-1] for k, v in parse_qs(parts.query).items()}
+
+
+def bool_opt(q: dict[str, str], name: str, url: str, default: bool) -> bool:
+    """Option ``name`` as a bool (true/false, 1/0, yes/no, on/off). :raises ConfigError: for another value."""
+    v = q.get(name)
+    if v is None:
+        return default
+    b = _BOOLS.get(v.strip().lower())
+    if b is None:
+        raise ConfigError(f"remote_url={url!r}: {name} must be true or false, got {v!r}")
+    return b
+
+
+def number_opt(q: dict[str, str], name: str, url: str, default: int | float, *, minimum: float | None = None
+               ) -> int | float:
+    """Option ``name`` as a number of ``default``'s type (int or float), at least ``minimum`` when given.
+
+    :raises ConfigError: when it does not parse or is below ``minimum``.
+    """
+    v = q.get(name)
+    if v is None:
+        return default
+    kind = "an integer" if isinstance(default, int) else "a number"
+    try:
+        n = int(v) if isinstance(default, int) else float(v)
+    except ValueError:
+        raise ConfigError(f"remote_url={url!r}: {name} must be {kind}, got {v!r}") from None
+    if minimum is not None and n < minimum:
+        raise ConfigError(f"remote_url={url!r}: {name} must be >= {minimum:g}, got {v!r}")
+    return n
