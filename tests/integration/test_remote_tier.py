@@ -4,14 +4,18 @@ close; plus what only Redis has (SETRANGE, one half of an entry deleted by hand,
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import anyio
+import pytest
 import redis
 import redis.cluster
 import torch
-from remote_fixtures import chunk, chunk_tensor, key, make_ctx, open_tier, release_all
+from remote_fixtures import SHAPE, chunk, chunk_tensor, key, make_ctx, open_tier, release_all, url_for
 from servers import ServerProc, ValkeyCluster, valkey_server
 
+from kvpipe.connectors.plugin import connector_for_url
 from kvpipe.serde.entry import EntryHeader
 
 
@@ -275,3 +279,58 @@ async def test_unix_socket_and_valkey_scheme(tmp_path: Path, key_model: str) -> 
                 await tier.aclose()
     finally:
         srv.stop()
+
+
+@pytest.mark.parametrize("kind", ["redis", "sentinel", "lm"])
+async def test_put_stream_sends_each_entry_as_it_comes(kind: str, request: pytest.FixtureRequest,
+                                                       key_model: str) -> None:
+    """``put_stream`` puts an entry on the server before it asks for the next one (what lets the tier hash the
+    next chunk while the server takes in this one): the producer below waits, before each next entry, until a
+    second connection sees the previous one stored. A connector that collected the entries first would never
+    send the first one, and the wait would run out."""
+    url = url_for(kind, request)
+    writer = connector_for_url(url, make_ctx().config)
+    reader = connector_for_url(url, make_ctx().config)
+    assert writer is not None and reader is not None
+    keys = [key(key_model, i).to_string() for i in range(3)]
+    payloads = [memoryview(chunk_tensor(i).numpy()).cast("B") for i in range(3)]
+    seen_before_next: list[bool] = []
+
+    async def entries() -> AsyncIterator[tuple[str, bytes, memoryview]]:
+        for i, (k, p) in enumerate(zip(keys, payloads, strict=True)):
+            if i:
+                with anyio.move_on_after(10):
+                    while not (await reader.exists_many([keys[i - 1]]))[0]:
+                        await anyio.sleep(0.01)
+                seen_before_next.append((await reader.exists_many([keys[i - 1]]))[0])
+            yield k, _header(k, p), p
+
+    try:
+        assert await writer.put_stream(entries()) == 3  # type: ignore[attr-defined]
+        assert seen_before_next == [True, True]
+        assert await reader.exists_many(keys) == [True] * 3
+    finally:
+        await writer.aclose()
+        await reader.aclose()
+
+
+def _header(k: str, payload: memoryview) -> bytes:
+    t = torch.frombuffer(bytearray(payload), dtype=torch.float32).view(SHAPE)
+    return EntryHeader.for_payload(k, "naive", t, SHAPE[2], payload, payload.nbytes).to_bytes()
+
+
+async def test_tier_batch_put_streams_and_reads_back(remote_url: str, key_model: str) -> None:
+    """A batch put through the tier (streamed to connectors that can, collected for the others) stores every
+    chunk bit-identical and counts the bytes written."""
+    tier = await open_tier(remote_url)
+    try:
+        keys = [key(key_model, i) for i in range(6)]
+        objs = [chunk(i) for i in range(6)]
+        assert await tier.put_many(keys, objs) == 6
+        got = await tier.get_many(keys)
+        for g, o in zip(got, objs, strict=True):
+            assert g is not None and torch.equal(g.tensor, o.tensor)
+        release_all(got)
+        assert tier.statistics().extra["bytes_written"] == 6 * objs[0].tensor.numel() * 4
+    finally:
+        await tier.aclose()

@@ -8,10 +8,20 @@ when the remote cannot be reached.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from collections.abc import AsyncIterator, Iterable, Sequence
+from typing import Protocol, TypeVar, runtime_checkable
 
-__all__ = ["Connector", "GetResult", "ReadInto"]
+__all__ = ["Connector", "Entry", "GetResult", "ReadInto", "aiter_of"]
+
+T = TypeVar("T")
+# ``(key, header_bytes, payload)``: one entry as ``put_many`` takes it.
+Entry = tuple[str, bytes, memoryview]
+
+
+async def aiter_of(items: Iterable[T]) -> AsyncIterator[T]:
+    """``items`` as an async iterator (what a ``put_stream`` takes)."""
+    for it in items:
+        yield it
 
 # ``(header, payload)`` or ``(header, payload, xxh3_64 of the payload computed while receiving it)``.
 GetResult = tuple[bytes, memoryview] | tuple[bytes, memoryview, int]
@@ -49,7 +59,12 @@ class Connector(Protocol):
 
     async def put_many(self, items: Sequence[tuple[str, bytes, memoryview]]) -> int:
         """Store ``(key, header_bytes, payload)`` entries so that a reader never sees half of one; return how many
-        were stored."""
+        were stored.
+
+        Optional, beside it: ``async put_stream(items: AsyncIterator[Entry]) -> int``, the same for entries that
+        come one at a time. A connector that has it sends each entry as it comes, so the tier's work on the next
+        entry (its checksum) overlaps the remote taking in this one; without it the tier collects a batch and
+        calls ``put_many``."""
         ...
 
     async def delete_many(self, keys: Sequence[str]) -> int:

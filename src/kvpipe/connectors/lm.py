@@ -17,7 +17,7 @@ from urllib.parse import unquote
 
 import attrs
 
-from kvpipe.connectors.base import GetResult, ReadInto
+from kvpipe.connectors.base import GetResult, ReadInto, aiter_of
 from kvpipe.connectors.sockio import ConnectionPool, SocketIO, connect_tcp
 from kvpipe.connectors.urlopts import number_opt, split_url
 from kvpipe.errors import ConfigError, ProtocolError, TierError, TierUnavailable
@@ -170,18 +170,25 @@ class LmConnector:
     async def put_many(self, items: Sequence[tuple[str, bytes, memoryview]]) -> int:
         """Pipelined ``PUT``s (header, key, entry header and payload sent as separate buffers); returns the number
         the server stored (a full server answers ``NO_SPACE``)."""
-        if not items:
+        return await self.put_stream(aiter_of(items)) if items else 0
+
+    async def put_stream(self, items: AsyncIterator[tuple[str, bytes, memoryview]]) -> int:
+        """:meth:`put_many` for entries made one at a time: each ``PUT`` goes out as soon as its entry comes (the
+        tier hashes the next chunk while the server takes in this one); the replies are read at the end."""
+        item = await anext(items, None)
+        if item is None:
             return 0
-        bufs: list[bytes | memoryview] = []
-        ids = []
-        for key, header, payload in items:
-            kb = key.encode()
-            rid = next(self._ids)
-            ids.append(rid)
-            bufs += [Frame(Op.PUT, rid, len(kb), len(header) + len(payload)).to_bytes(), kb, header, payload]
         stored = 0
         async with self._conn() as io:
-            await io.send_all(bufs)
+            ids = []
+            while item is not None:
+                key, header, payload = item
+                kb = key.encode()
+                rid = next(self._ids)
+                ids.append(rid)
+                await io.send_all([Frame(Op.PUT, rid, len(kb), len(header) + len(payload)).to_bytes(), kb, header,
+                                   payload])
+                item = await anext(items, None)
             for rid in ids:
                 f = await self._read_frame(io)
                 if f.request_id != rid:

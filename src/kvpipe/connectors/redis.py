@@ -49,7 +49,7 @@ import anyio
 import attrs
 from redis.crc import key_slot
 
-from kvpipe.connectors.base import GetResult, ReadInto
+from kvpipe.connectors.base import GetResult, ReadInto, aiter_of
 from kvpipe.connectors.redis_url import Addr, parse_redis_url
 from kvpipe.connectors.resp import RespError, encode_command, read_bulk_into, read_reply
 from kvpipe.connectors.sockio import Buffer, ConnectionPool, SocketIO, connect_tcp, connect_unix
@@ -620,17 +620,33 @@ class RedisConnector:
             second = await self._run_routed([(k + META_SUFFIX, encode_command("SET", k + META_SUFFIX, header))
                                              for k, header, _p in ok])
             return sum(r == b"OK" for r in second)
-        node = await self._route(items[0][0])
-        bufs: list[Buffer] = []
-        for k, header, payload in items:
-            bufs += encode_command("MULTI")
-            bufs += encode_command("SET", k + KV_SUFFIX, payload)
-            bufs += encode_command("SET", k + META_SUFFIX, header)
-            bufs += encode_command("EXEC")
+        return await self._put_pipelined(aiter_of(items))
+
+    async def put_stream(self, items: AsyncIterator[tuple[str, bytes, memoryview]]) -> int:
+        """:meth:`put_many` for entries made one at a time: each entry's commands go out as soon as it comes (the
+        tier hashes the next chunk while the server takes in this one), and the replies are read at the end."""
+        if self.mode == "cluster":  # entries go to several nodes: collect them, then route
+            return await self.put_many([it async for it in items])
+        return await self._put_pipelined(items)
+
+    async def _put_pipelined(self, items: AsyncIterator[tuple[str, bytes, memoryview]]) -> int:
+        """``MULTI``/``SET kv_bytes``/``SET metadata``/``EXEC`` per entry on one connection to the master, sent as
+        the entries come; returns how many were stored (a server out of memory under ``noeviction`` stores
+        fewer)."""
+        item = await anext(items, None)
+        if item is None:
+            return 0
+        node = await self._route(item[0])
+        keys: list[str] = []
         stored = 0
         async with self._conn(node) as io:
-            await io.send_all(bufs)
-            for k, _h, _p in items:
+            while item is not None:
+                k, header, payload = item
+                await io.send_all([*encode_command("MULTI"), *encode_command("SET", k + KV_SUFFIX, payload),
+                                   *encode_command("SET", k + META_SUFFIX, header), *encode_command("EXEC")])
+                keys.append(k)
+                item = await anext(items, None)
+            for k in keys:
                 replies = [await read_reply(io) for _ in range(4)]
                 ex = replies[3]
                 if isinstance(ex, list) and all(r == b"OK" for r in ex):

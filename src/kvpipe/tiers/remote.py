@@ -28,7 +28,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from contextlib import aclosing
 from typing import Any, TypeVar
 
 import anyio
@@ -37,7 +38,7 @@ import attrs
 import sniffio
 import torch
 
-from kvpipe.connectors.base import Connector, GetResult
+from kvpipe.connectors.base import Connector, Entry, GetResult
 from kvpipe.errors import CapacityError, CorruptEntry, ProtocolError, TierError, TierUnavailable
 from kvpipe.keys import ChunkKey
 from kvpipe.memory.pool import MemoryObj
@@ -357,8 +358,29 @@ class RemoteTier:
             self._c["put_failures"] += len(keys)
             self._c["dropped_while_down"] += len(keys)
             return 0
+        sizes: list[int] = []
+        put_stream = getattr(self.connector, "put_stream", None)
+        if put_stream is not None and len(keys) > 1:
+            # Each entry goes out as soon as it is made: the remote takes in this chunk while the next is hashed.
+            async def stream() -> int:
+                async with aclosing(self._entries(keys, objs, sizes)) as entries:
+                    return int(await put_stream(entries))
+            n = await self._call("put", stream)
+        else:
+            items = [e async for e in self._entries(keys, objs, sizes)]
+            n = await self._call("put", lambda: self.connector.put_many(items))
+        if isinstance(n, _Failed):
+            n = 0
+        self._c["puts"] += n
+        self._c["put_failures"] += len(keys) - n
+        self._c["bytes_written"] += sum(sizes[:n])
+        return n
+
+    async def _entries(self, keys: Sequence[ChunkKey], objs: Sequence[MemoryObj], sizes: list[int]
+                       ) -> AsyncGenerator[Entry, None]:
+        """``(key, header, payload)`` per chunk, encoded and hashed one at a time; ``sizes`` gets each payload's
+        size."""
         serde = self.ctx.serde
-        items: list[tuple[str, bytes, memoryview]] = []
         for k, obj in zip(keys, objs, strict=True):
             if serde.raw:
                 payload = memoryview(serde.encode(obj.tensor)).cast("B")
@@ -369,14 +391,8 @@ class RemoteTier:
             s = k.to_string()
             header = EntryHeader.for_payload(s, serde.name, obj.tensor, obj.num_tokens, None, payload.nbytes,
                                              checksum=csum)
-            items.append((s, header.to_bytes(), payload))
-        n = await self._call("put", lambda: self.connector.put_many(items))
-        if isinstance(n, _Failed):
-            n = 0
-        self._c["puts"] += n
-        self._c["put_failures"] += len(items) - n
-        self._c["bytes_written"] += sum(p.nbytes for (_, _, p) in items[:n])
-        return n
+            sizes.append(payload.nbytes)
+            yield s, header.to_bytes(), payload
 
     async def delete_many(self, keys: Sequence[ChunkKey]) -> int:
         """Delete entries; returns how many existed (0 while the remote is down)."""
