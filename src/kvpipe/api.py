@@ -199,9 +199,10 @@ class KVCache:
         """
         self._check_open()
         req = req_id or f"req-{next(_req_ids)}"
-        total = len(as_token_array(tokens))
+        arr = as_token_array(tokens)  # once per request: a list of ints is converted here, not again per use
+        total = len(arr)
         _check_kv(kv, total, self._dtype)
-        spans, keys = self._keys(tokens)
+        spans, keys = self._keys(arr)
         if mask is not None:
             skip = _masked_prefix(mask, total, self.config.chunk_size)
             first = next((i for i, (s, _e) in enumerate(spans) if s >= skip), len(spans))
@@ -222,12 +223,13 @@ class KVCache:
     async def lookup(self, tokens: TokensLike) -> int:
         """How many leading tokens of ``tokens`` some tier holds (whole chunks; a miss is 0, never an error)."""
         self._check_open()
-        spans, keys = self._keys(tokens)
+        arr = as_token_array(tokens)
+        spans, keys = self._keys(arr)
         _, n = await self._locate(keys)
         hit = spans[n - 1][1] if n else 0
         self._counters["lookups"] += 1
         self._counters["lookup_hit_tokens"] += hit
-        log.debug("lookup: %d of %d tokens hit", hit, len(as_token_array(tokens)))
+        log.debug("lookup: %d of %d tokens hit", hit, len(arr))
         return hit
 
     async def retrieve(self, tokens: TokensLike, *, out: torch.Tensor | None = None,
@@ -240,13 +242,13 @@ class KVCache:
         :raises ValueError: for an ``out`` with too few tokens or another dtype than the config's.
         """
         self._check_open()
-        if out is not None and (out.dim() not in (4, 5) or out.shape[2] < len(as_token_array(tokens))
-                                or out.dtype != self._dtype):
-            raise ValueError(f"out: expected [layers, 2, >= {len(as_token_array(tokens))}, heads, head_dim] "
+        arr = as_token_array(tokens)
+        total = len(arr)
+        if out is not None and (out.dim() not in (4, 5) or out.shape[2] < total or out.dtype != self._dtype):
+            raise ValueError(f"out: expected [layers, 2, >= {total}, heads, head_dim] "
                              f"{dtype_name(self._dtype)}, got {tuple(out.shape)} {dtype_name(out.dtype)}")
         req = req_id or f"req-{next(_req_ids)}"
-        spans, keys = self._keys(tokens)
-        total = len(as_token_array(tokens))
+        spans, keys = self._keys(arr)
         await self._wait_inflight(keys)
         where, n = await self._locate(keys)
         result = RetrieveResult(0, None, {})
