@@ -14,7 +14,7 @@ from kvpipe.serde.base import Serde
 if TYPE_CHECKING:
     from kvpipe.config import Config
 
-__all__ = ["Tier", "TierContext", "TierStats"]
+__all__ = ["Tier", "TierContext", "TierCounters", "TierStats"]
 
 
 @attrs.frozen
@@ -32,6 +32,23 @@ class TierStats:
     evictions: int
     available: bool = True
     extra: dict[str, float] = attrs.field(factory=dict)
+
+
+@attrs.define
+class TierCounters:
+    """The counters every local tier keeps, and the :class:`TierStats` snapshot of them."""
+
+    hits: int = 0
+    misses: int = 0
+    puts: int = 0
+    put_failures: int = 0
+    corrupt: int = 0
+    evictions: int = 0
+
+    def snapshot(self, name: str, chunks: int, nbytes: int, extra: dict[str, float]) -> TierStats:
+        """These counters with a tier's name, size and extra figures."""
+        return TierStats(name, chunks, nbytes, self.hits, self.misses, self.puts, self.put_failures, self.corrupt,
+                         self.evictions, extra=extra)
 
 
 @attrs.frozen

@@ -19,7 +19,7 @@ from kvpipe.keys import ChunkKey
 from kvpipe.layouts.copy import copy_kv
 from kvpipe.memory.eviction import EvictionPolicy
 from kvpipe.memory.pool import HostPool, MemoryObj
-from kvpipe.tiers.base import TierStats
+from kvpipe.tiers.base import TierCounters, TierStats
 
 __all__ = ["CpuTier"]
 
@@ -36,11 +36,7 @@ class CpuTier:
     _entries: dict[ChunkKey, MemoryObj] = attrs.field(factory=dict)
     _pins: dict[ChunkKey, float] = attrs.field(factory=dict)
     _bytes: int = 0
-    _hits: int = 0
-    _misses: int = 0
-    _puts: int = 0
-    _put_failures: int = 0
-    _evictions: int = 0
+    _n: TierCounters = attrs.field(factory=TierCounters)
     _closed: bool = False
 
     def __attrs_post_init__(self) -> None:
@@ -61,10 +57,10 @@ class CpuTier:
         for k in keys:
             obj = self._entries.get(k)
             if obj is None:
-                self._misses += 1
+                self._n.misses += 1
                 out.append(None)
             else:
-                self._hits += 1
+                self._n.hits += 1
                 self.policy.touch(k)
                 out.append(obj.ref())
         return out
@@ -86,14 +82,14 @@ class CpuTier:
             else:
                 copy = self.pool.allocate(tuple(obj.tensor.shape), obj.tensor.dtype, obj.num_tokens)
                 if copy is None:
-                    self._put_failures += 1
+                    self._n.put_failures += 1
                     continue
                 copy_kv(copy.tensor, obj.tensor)
                 held = copy
             self._entries[k] = held
             self._bytes += held.nbytes
             self.policy.insert(k)
-            self._puts += 1
+            self._n.puts += 1
             stored += 1
         return stored
 
@@ -103,9 +99,7 @@ class CpuTier:
 
     def statistics(self) -> TierStats:
         """A snapshot of the tier's counters."""
-        return TierStats(self.name, len(self._entries), self._bytes, self._hits, self._misses, self._puts,
-                         self._put_failures, 0, self._evictions,
-                         extra={"pinned": float(len(self._pins))})
+        return self._n.snapshot(self.name, len(self._entries), self._bytes, {"pinned": float(len(self._pins))})
 
     async def aclose(self) -> None:
         """Drop every entry; idempotent."""
@@ -156,7 +150,7 @@ class CpuTier:
             if obj is None or obj.refcount > 1:  # someone is reading it: evicting would free nothing
                 continue
             self._drop(k)
-            self._evictions += 1
+            self._n.evictions += 1
             log.debug("cpu tier evicted %s (%d bytes) for %d bytes", k, obj.nbytes, nbytes)
             return True
         return False

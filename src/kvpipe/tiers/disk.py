@@ -27,7 +27,7 @@ from kvpipe.memory.eviction import EvictionPolicy
 from kvpipe.memory.pool import HostPool, MemoryObj
 from kvpipe.serde.base import Serde
 from kvpipe.serde.entry import HEADER_SIZE, EntryHeader
-from kvpipe.tiers.base import TierStats
+from kvpipe.tiers.base import TierCounters, TierStats
 
 __all__ = ["DiskTier", "open_disk_tier"]
 
@@ -63,12 +63,7 @@ class DiskTier:
     _index: dict[ChunkKey, int] = attrs.field(factory=dict)
     _limiter: anyio.CapacityLimiter = attrs.field(factory=lambda: anyio.CapacityLimiter(2))
     _bytes: int = 0
-    _hits: int = 0
-    _misses: int = 0
-    _puts: int = 0
-    _put_failures: int = 0
-    _corrupt: int = 0
-    _evictions: int = 0
+    _n: TierCounters = attrs.field(factory=TierCounters)
     _bytes_read: int = 0
     _bytes_written: int = 0
     _closed: bool = False
@@ -118,7 +113,7 @@ class DiskTier:
         """Read entries into pool memory; a missing, corrupt, truncated or foreign entry is a miss (and deleted)."""
         out: list[MemoryObj | None] = [None] * len(keys)
         todo = [i for i, k in enumerate(keys) if k in self._index]
-        self._misses += len(keys) - len(todo)
+        self._n.misses += len(keys) - len(todo)
         if not todo:
             return out
         paths = [self._path(keys[i]) for i in todo]
@@ -132,7 +127,7 @@ class DiskTier:
                 continue
             if hdr is None:
                 self._forget(key)
-                self._misses += 1
+                self._n.misses += 1
                 continue
             try:
                 hdr.check_key(key)
@@ -141,7 +136,7 @@ class DiskTier:
                 continue
             obj = self.pool.allocate(hdr.shape, hdr.dtype, hdr.num_tokens)
             if obj is None:  # no room to stage the read: a miss, not an error
-                self._misses += 1
+                self._n.misses += 1
                 continue
             jobs.append((i, path, hdr, obj))
         if not jobs:
@@ -151,7 +146,7 @@ class DiskTier:
             key = keys[i]
             if err is None:
                 out[i] = obj
-                self._hits += 1
+                self._n.hits += 1
                 self._bytes_read += obj.nbytes
                 self.policy.touch(key)
             else:
@@ -160,7 +155,7 @@ class DiskTier:
                     await self._discard(key, path, err)
                 else:
                     self._forget(key)
-                    self._misses += 1
+                    self._n.misses += 1
         return out
 
     async def put_many(self, keys: Sequence[ChunkKey], objs: Sequence[MemoryObj]) -> int:
@@ -177,13 +172,13 @@ class DiskTier:
                                                abandon_on_cancel=True)
         for (k, _), size in zip(items, sizes, strict=True):
             if size is None:
-                self._put_failures += 1
+                self._n.put_failures += 1
                 continue
             self._index[k] = size
             self._bytes += size
             self._bytes_written += size
             self.policy.insert(k)
-            self._puts += 1
+            self._n.puts += 1
             stored += 1
         await self._evict_over_capacity()
         return stored
@@ -204,10 +199,9 @@ class DiskTier:
 
     def statistics(self) -> TierStats:
         """A snapshot of the tier's counters."""
-        return TierStats(self.name, len(self._index), self._bytes, self._hits, self._misses, self._puts,
-                         self._put_failures, self._corrupt, self._evictions,
-                         extra={"bytes_read": float(self._bytes_read), "bytes_written": float(self._bytes_written),
-                                "capacity": float(self.capacity)})
+        return self._n.snapshot(self.name, len(self._index), self._bytes,
+                                {"bytes_read": float(self._bytes_read), "bytes_written": float(self._bytes_written),
+                                 "capacity": float(self.capacity)})
 
     async def aclose(self) -> None:
         """Forget the index (the files stay: that is the point of a disk tier); idempotent."""
@@ -222,8 +216,8 @@ class DiskTier:
 
     async def _discard(self, key: ChunkKey, path: Path, exc: Exception) -> None:
         log.warning("disk tier: dropping bad entry %s: %s", path.name, exc)
-        self._corrupt += 1
-        self._misses += 1
+        self._n.corrupt += 1
+        self._n.misses += 1
         self._forget(key)
         await anyio.to_thread.run_sync(_unlink_all, [path], limiter=self._limiter)
 
@@ -235,7 +229,7 @@ class DiskTier:
                     break
                 victims.append(self._path(k))  # type: ignore[arg-type]
                 self._forget(k)  # type: ignore[arg-type]
-                self._evictions += 1
+                self._n.evictions += 1
         if victims:
             await anyio.to_thread.run_sync(_unlink_all, victims, limiter=self._limiter)
 
