@@ -28,6 +28,24 @@ def smol() -> tuple[Any, Any]:
 
 
 @pytest.fixture(scope="session")
+def prompt(smol: tuple[Any, Any]) -> list[int]:
+    """A ``PROMPT_TOKENS``-token chat prompt: two full chunks and a partial one."""
+    from prefill_check import PROMPT_TOKENS
+
+    from kvpipe.integrations.context import build_prompt_ids
+
+    return build_prompt_ids(smol[1], PROMPT_TOKENS)
+
+
+@pytest.fixture(scope="session")
+def reference(smol: tuple[Any, Any], prompt: list[int]) -> Any:
+    """The full prefill of ``prompt`` without kvpipe: the logits every restored prefill must reproduce."""
+    from kvpipe.integrations.transformers import CachedLM
+
+    return CachedLM(smol[0], smol[1], None).prefill(prompt)
+
+
+@pytest.fixture(scope="session")
 def smol_dir(smol: tuple[Any, Any]) -> Path:
     """The converted model directory (what ``--model PATH`` takes)."""
     from kvpipe.integrations.model import resolve_model_dir

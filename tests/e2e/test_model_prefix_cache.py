@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
+from prefill_check import PROMPT_TOKENS, assert_same_logits
 
 import kvpipe
 from kvpipe.config import Config
@@ -17,26 +17,6 @@ from kvpipe.integrations.context import build_prompt_ids
 from kvpipe.integrations.transformers import CachedLM, PrefillResult, SamplingParams
 
 pytestmark = pytest.mark.model
-
-PROMPT_TOKENS = 600  # 2 full chunks of 256 (512 tokens) + 88 in a partial chunk that is recomputed
-ATOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def prompt(smol: tuple[Any, Any]) -> list[int]:
-    return build_prompt_ids(smol[1], PROMPT_TOKENS)
-
-
-@pytest.fixture(scope="module")
-def reference(smol: tuple[Any, Any], prompt: list[int]) -> PrefillResult:
-    """Full prefill without kvpipe: the logits every restored prefill must reproduce."""
-    return CachedLM(smol[0], smol[1], None).prefill(prompt)
-
-
-def assert_same_logits(got: torch.Tensor, want: torch.Tensor) -> None:
-    assert got.shape == want.shape
-    assert float((got - want).abs().max()) <= ATOL
-    assert int(got.argmax()) == int(want.argmax())
 
 
 def test_restored_prefix_from_cpu_gives_full_prefill_logits(smol: tuple[Any, Any], prompt: list[int],

