@@ -10,11 +10,12 @@ from collections.abc import Callable
 import anyio
 import pytest
 import torch
-from remote_fixtures import chunk, chunk_tensor, key, make_ctx, open_tier, release_all
+from remote_fixtures import SHAPE, chunk, chunk_tensor, key, make_ctx, open_tier, release_all
 from servers import LmServerProc, ServerProc, ValkeySentinel, free_port, lm_server, valkey_server
 
 from kvpipe.connectors.mock import MockConnector
 from kvpipe.keys import ChunkKey
+from kvpipe.memory.pool import MemoryObj
 from kvpipe.tiers.remote import RemoteTier
 
 
@@ -188,5 +189,54 @@ async def test_outage_drops_and_counts_writes(key_model: str) -> None:
         conn.set_down(False)
         assert await _wait_until(lambda: tier.available, 5.0)
         assert await tier.put_many(keys, [chunk(i) for i in range(3)]) == 3
+    finally:
+        await tier.aclose()
+
+
+@pytest.mark.parametrize("kind", ["redis", "lm"])
+async def test_server_killed_while_a_batch_streams(kind: str, request: pytest.FixtureRequest,
+                                                   key_model: str) -> None:
+    """A server SIGKILLed while a batch of PUTs streams to it (after the first chunk went out, before the second
+    is made): ``put_many`` returns fewer than the batch (what it could confirm), raises nothing and does not hang;
+    the tier is down, comes back with the server, and what it then reads is right or a miss."""
+    server: ServerProc = request.getfixturevalue("fresh_valkey" if kind == "redis" else "fresh_lm")
+    url = f"redis://127.0.0.1:{server.port}" if kind == "redis" else server.url  # type: ignore[attr-defined]
+    tier = await open_tier(url, make_ctx(timeout=2.0))
+    killed = anyio.Event()
+
+    class KilledFirst(MemoryObj):
+        async def checksum(self) -> int:  # the tier makes chunk 1's entry only once the server is dead
+            await killed.wait()
+            return await super().checksum()
+
+    keys = [key(key_model, i) for i in range(8)]
+    objs = [chunk(0)] + [KilledFirst.detached(chunk_tensor(i), SHAPE[2]) for i in range(1, 8)]
+    try:
+        async def kill_when_the_first_lands() -> None:
+            watcher = await open_tier(url, make_ctx(timeout=2.0))
+            try:
+                with anyio.move_on_after(10):
+                    while not (await watcher.contains_many(keys[:1]))[0]:
+                        await anyio.sleep(0.005)
+            finally:
+                await watcher.aclose()
+            await anyio.to_thread.run_sync(server.kill)
+            killed.set()
+
+        stored = -1
+        with anyio.fail_after(20):  # "does not hang": far above the tier's own 2 s deadline
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(kill_when_the_first_lands)
+                stored = await tier.put_many(keys, objs)
+        assert 0 <= stored < 8
+        s = tier.statistics()
+        assert not s.available and s.put_failures == 8 - stored
+        await anyio.to_thread.run_sync(server.start)
+        assert await _wait_until(lambda: tier.available, 5.0)
+        got = await tier.get_many(keys)
+        for g, i in zip(got, range(8), strict=True):
+            assert g is None or torch.equal(g.tensor, chunk_tensor(i)), f"wrong KV for chunk {i}"
+        release_all(got)
+        assert await tier.put_many(keys[:4], [chunk(i) for i in range(4)]) == 4  # and it stores again
     finally:
         await tier.aclose()
