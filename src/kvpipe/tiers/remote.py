@@ -7,7 +7,9 @@ What this layer adds over a connector:
   truncated or foreign entry is a miss and is deleted; an entry written with another serde is a plain miss (it
   belongs to an engine configured differently, so it is left alone). For raw serdes (``naive``) the payload is
   received straight into pool memory: the connector calls ``read_into(header)`` once it has the header and this
-  tier answers with a fresh ``ctx.pool.allocate(shape, dtype, num_tokens)`` region.
+  tier answers with a fresh ``ctx.pool.allocate(shape, dtype, num_tokens)`` region. A batch put goes to a
+  connector's ``put_stream`` when it has one: each entry is encoded and hashed just before it is sent, so the remote
+  takes in one chunk while the next is hashed.
 - **deadlines**: every connector call runs under ``ctx.config.blocking_timeout_secs`` (a cancel scope's deadline).
 - **down/up state machine**: connection refused or reset, a deadline passed, a protocol error or a failover
   reply mark the tier *down*. While down every call returns at once (misses, ``False``, 0 stored) and stores are
