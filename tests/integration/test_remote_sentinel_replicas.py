@@ -223,5 +223,6 @@ def test_read_from_replicas_option_values() -> None:
     assert not RedisConnector.from_url(url).read_from_replicas
     with pytest.raises(ConfigError, match="read_from_replicas must be true or false"):
         RedisConnector.from_url(url + "?read_from_replicas=sometimes")
-    with pytest.raises(ConfigError, match="redis-sentinel:// only"):
+    with pytest.raises(ConfigError, match="a single server has no replicas to read from"):
         RedisConnector.from_url("redis://127.0.0.1:6379?read_from_replicas=true")
+    assert RedisConnector.from_url("redis-cluster://127.0.0.1:7000?read_from_replicas=true").read_from_replicas

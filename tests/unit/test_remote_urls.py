@@ -95,7 +95,7 @@ def test_read_from_replicas_config_key(value: object, url_opt: str, want: bool) 
 def test_read_from_replicas_config_key_errors() -> None:
     with pytest.raises(ConfigError, match="redis_read_from_replicas: got 'maybe', expected true or false"):
         connector_for_url("redis-sentinel://a:1", Config(extra_config={"redis_read_from_replicas": "maybe"}))
-    with pytest.raises(ConfigError, match="redis-sentinel:// only"):
+    with pytest.raises(ConfigError, match="a single server has no replicas to read from"):
         connector_for_url("redis://a:1", Config(extra_config={"redis_read_from_replicas": True}))
 
 

@@ -27,7 +27,7 @@ def connector_for_url(url: str, config: Config | None = None) -> Connector | Non
 
     The Sentinel master name comes from the URL (path or ``?master_name=``), else from the config's
     ``extra_config["redis_sentinel_master"]``, else ``mymaster``; ``extra_config["remote_max_connections"]``
-    bounds connections per node; ``extra_config["redis_read_from_replicas"]`` (Sentinel) is the default for the
+    bounds connections per node; ``extra_config["redis_read_from_replicas"]`` (Sentinel, cluster) is the default for the
     URL's ``?read_from_replicas=``.
 
     :raises ConfigError: for a malformed URL of one of these schemes.

@@ -32,6 +32,12 @@ reads go to the master. A lagging replica (or one cut off from its master, which
 it has) answers a miss for an entry it has not received; what it returns is validated like any entry (header,
 key fingerprint, checksum), and entries are content-addressed, so an old copy is still the right KV. Orphans
 and corrupt entries found on a replica are deleted on the master.
+
+Cluster reads from replicas (``redis-cluster://...?read_from_replicas=true``): ``GET``/``EXISTS`` of a key go to
+a replica of its slot (round robin; the connection sends ``READONLY``), from the replicas ``CLUSTER SLOTS`` lists,
+re-read every few seconds. A replica that fails is left out as above and the call is done again on the masters
+(for the entries no buffer was handed out for yet). An entry's two keys live in different slots, replicated
+separately, so half an entry seen on replicas may be a lag: it is a miss and nothing is deleted.
 """
 
 from __future__ import annotations
@@ -107,6 +113,11 @@ def _check(reply: Any, what: str) -> Any:
     return reply
 
 
+def _slot_addr(entry: Any, seed: Addr) -> Addr:
+    """A node of a ``CLUSTER SLOTS`` range (``[host, port, id, ...]``; an empty host is the node asked)."""
+    return Addr(entry[0].decode() if entry[0] else seed.host, int(entry[1]))
+
+
 def _sender(io: SocketIO, bufs: Sequence[Buffer]) -> Callable[[], Awaitable[None]] | None:
     """``read_bulk_into``'s ``on_header``: send the next command(s) once the current big reply starts arriving.
 
@@ -179,6 +190,8 @@ class RedisConnector:
     _replica_fails: dict[Addr, int] = attrs.field(init=False, factory=dict)
     _replica_turn: int = attrs.field(init=False, default=0)
     _slots: list[Addr] | None = attrs.field(init=False, default=None)
+    _slot_replicas: list[tuple[Addr, ...]] = attrs.field(init=False, factory=list)
+    _slots_expire: float = attrs.field(init=False, default=0.0)
     _closed: bool = attrs.field(init=False, default=False)
 
     # -- construction -------------------------------------------------------------------------------------------
@@ -193,7 +206,7 @@ class RedisConnector:
         ``redis-cluster://[:password@]h1:p1,h2:p2``. Every form accepts ``?max_connections=N`` (per node).
 
         TLS options (``rediss://``, ``valkeys://``, or ``?ssl=true``): ``ssl_ca_certs=PATH``,
-        ``ssl_cert_reqs=required|optional|none``, ``ssl_check_hostname=true|false``. Sentinel only:
+        ``ssl_cert_reqs=required|optional|none``, ``ssl_check_hostname=true|false``. Sentinel and cluster:
         ``read_from_replicas=true`` sends ``GET``/``EXISTS`` to healthy replicas (see the module docstring);
         ``read_from_replicas`` here is the default when the URL does not say.
 
@@ -234,6 +247,9 @@ class RedisConnector:
             n += 1
         # Sentinel: a demoted master (or a stale address) must not take writes. A replica is read whatever the state
         # of its link to the master: what it has is older at worst, and entries are content-addressed and validated.
+        if self.mode == "cluster" and not master:  # a cluster replica serves its slots' reads only after READONLY
+            cmds += encode_command("READONLY")
+            n += 1
         check_role = self.mode == "sentinel" and master
         if check_role:
             cmds += encode_command("ROLE")
@@ -397,9 +413,29 @@ class RedisConnector:
             return True, result
         return False, None
 
+    async def _cluster_read(self, fn: Callable[[list[_Node] | None], Awaitable[T]]) -> T:
+        """A cluster read: ``fn(used)`` on replicas when ``read_from_replicas`` (replicas that fail are left out for
+        a while, and the read is done again on the masters: ``fn(None)``), else ``fn(None)``."""
+        if not self.read_from_replicas:
+            return await fn(None)
+        used: list[_Node] = []
+        try:
+            return await fn(used)
+        except (TierError, OSError, ProtocolError) as exc:
+            for node in dict.fromkeys(used):
+                self._replica_failed(node, exc)
+        except anyio.get_cancelled_exc_class():
+            for node in dict.fromkeys(used):
+                self._replica_failed(node, "no answer before the deadline")
+            raise
+        return await fn(None)
+
     async def _cluster_slots(self) -> list[Addr]:
-        if self._slots is not None:
+        if self._slots is not None and (not self.read_from_replicas or time.monotonic() < self._slots_expire):
             return self._slots
+        # Reading from replicas, the map is also re-read every few seconds: replicas join, leave and fail over
+        # without any MOVED reaching this client.
+        self._slots_expire = time.monotonic() + _REPLICA_REFRESH_S
         errors = []
         for seed in list(self.addrs) + [a for a in self._nodes if a not in self.addrs]:
             try:
@@ -410,41 +446,59 @@ class RedisConnector:
                 errors.append(str(exc))
                 continue
             slots: list[Addr | None] = [None] * 16384
+            replicas: list[tuple[Addr, ...]] = [()] * 16384
             for rng in reply:
                 start, end, master = rng[0], rng[1], rng[2]
-                host = master[0].decode() if master[0] else seed.host
-                addr = Addr(host, int(master[1]))
+                addr, reps = _slot_addr(master, seed), tuple(_slot_addr(r, seed) for r in rng[3:])
                 for i in range(start, end + 1):
                     slots[i] = addr
+                    replicas[i] = reps
             if any(a is None for a in slots):
                 errors.append(f"{seed}: not every slot is served")
                 continue
+            self._slot_replicas = replicas
             self._slots = slots  # type: ignore[assignment]
             return self._slots  # type: ignore[return-value]
+        if self._slots is not None:  # a periodic re-read failed: keep the map we have
+            log.debug("%s: cannot re-read the cluster slot map: %s", self._safe_url, "; ".join(errors))
+            return self._slots
         raise TierUnavailable(f"{self._safe_url}: cannot read the cluster slot map: " + "; ".join(errors))
 
-    async def _route(self, key: str) -> _Node:
+    async def _route(self, key: str, used: list[_Node] | None = None) -> _Node:
+        """The node serving ``key``. ``used``: a cluster read that may go to replicas: a usable replica of the
+        key's slot when there is one (round robin; it is appended to ``used``), else the master."""
         if self.mode == "single":
             return self._node(self.addrs[0])
         if self.mode == "sentinel":
             return self._node(await self._sentinel_master())
         slots = await self._cluster_slots()
-        return self._node(slots[key_slot(key.encode())])
+        slot = key_slot(key.encode())
+        if used is not None:
+            now = time.monotonic()
+            usable = [a for a in self._slot_replicas[slot] if self._replica_bad.get(a, 0.0) <= now]
+            if usable:
+                self._replica_turn += 1
+                node = self._node(usable[self._replica_turn % len(usable)], replica=True)
+                used.append(node)
+                return node
+        return self._node(slots[slot])
 
     async def _masters(self) -> list[_Node]:
         if self.mode == "cluster":
             return [self._node(a) for a in dict.fromkeys(await self._cluster_slots())]
         return [await self._route("")]
 
-    async def _run_routed(self, cmds: Sequence[tuple[str, list[Buffer]]], node: _Node | None = None) -> list[Any]:
+    async def _run_routed(self, cmds: Sequence[tuple[str, list[Buffer]]], node: _Node | None = None,
+                          used: list[_Node] | None = None) -> list[Any]:
         """Send each command to the node serving its routing key (pipelined per node, nodes concurrently), or all
-        to ``node``; replies in command order, error replies as :class:`RespError`."""
+        to ``node``; replies in command order, error replies as :class:`RespError`. ``used``: see :meth:`_route`
+        (a read that may go to cluster replicas)."""
         groups: dict[_Node, list[int]] = defaultdict(list)
         if node is not None:
             groups[node] = list(range(len(cmds)))
         else:
             for i, (rkey, _) in enumerate(cmds):
-                groups[await self._route(rkey)].append(i)
+                groups[await self._route(rkey, used)].append(i)
         replies: list[Any] = [None] * len(cmds)
 
         def runner(node: _Node, idxs: list[int]) -> Callable[[], Coroutine[Any, Any, None]]:
@@ -475,7 +529,7 @@ class RedisConnector:
             return []
         if self.mode == "cluster":
             cmds = [(k + sfx, encode_command("EXISTS", k + sfx)) for k in keys for sfx in (META_SUFFIX, KV_SUFFIX)]
-            r = await self._run_routed(cmds)
+            r = await self._cluster_read(lambda used: self._run_routed(cmds, used=used))
             return [r[2 * i] == 1 and r[2 * i + 1] == 1 for i in range(len(keys))]
         cmds = [(k, encode_command("EXISTS", k + META_SUFFIX, k + KV_SUFFIX)) for k in keys]
         on_replica, got = await self._on_replica(lambda node: self._run_routed(cmds, node))
@@ -493,17 +547,31 @@ class RedisConnector:
         out: list[GetResult | None] = [None] * len(keys)
         orphans: list[str] = []
         if self.mode == "cluster":
-            # The parts may live on different nodes: headers first, then payloads of the entries that have one.
-            metas = await self._run_routed([(k + META_SUFFIX, encode_command("GET", k + META_SUFFIX))
-                                            for k in keys])
-            todo = [i for i, m in enumerate(metas) if isinstance(m, bytes)]
-            no_payload = await self._get_payloads(keys, todo, metas, read_into, out)
-            orphans += [keys[i] for i in no_payload]  # a header without payload
-            missing_meta = [k for k, m in zip(keys, metas, strict=True) if m is None]
-            if missing_meta:  # a payload without header? (EXISTS is cheap; the payload is not read)
-                ex = await self._run_routed([(k + KV_SUFFIX, encode_command("EXISTS", k + KV_SUFFIX))
-                                             for k in missing_meta])
-                orphans += [k for k, e in zip(missing_meta, ex, strict=True) if e == 1]
+            handed: set[str] = set()  # entries whose header went to ``read_into`` (their buffer may be half-filled)
+
+            def tracked(hb: bytes, k: str | None = None) -> memoryview | None:
+                handed.add(k or "")
+                return read_into(hb, k)
+
+            idxs = list(range(len(keys)))
+            if not self.read_from_replicas:
+                orphans += await self._cluster_get(keys, idxs, tracked, out, None)
+            else:
+                used: list[_Node] = []
+                try:
+                    await self._cluster_get(keys, idxs, tracked, out, used)
+                    # no orphan cleanup on the strength of a replica's view: the other half may still be on its
+                    # way to it (an entry's two keys are in different slots, replicated separately)
+                except (TierError, OSError, ProtocolError) as exc:
+                    for node in dict.fromkeys(used):
+                        self._replica_failed(node, exc)
+                    # the masters, for the entries no buffer was handed out for (those are misses)
+                    rest = [i for i in idxs if out[i] is None and keys[i] not in handed]
+                    orphans += await self._cluster_get(keys, rest, tracked, out, None)
+                except anyio.get_cancelled_exc_class():
+                    for node in dict.fromkeys(used):
+                        self._replica_failed(node, "no answer before the deadline")
+                    raise
         else:
             # ``done``: entries answered (hit, miss or orphan); ``started``: entries whose header went to
             # ``read_into`` (a failed replica read leaves those misses: their buffers may be half-filled).
@@ -526,6 +594,29 @@ class RedisConnector:
             except TierError as exc:
                 log.debug("orphan cleanup failed: %s", exc)
         return out
+
+    async def _cluster_get(self, keys: Sequence[str], idxs: Sequence[int], read_into: ReadInto,
+                           out: list[GetResult | None], used: list[_Node] | None) -> list[str]:
+        """Cluster ``get_many`` of entries ``idxs``: headers first, then the payloads of the entries that have one
+        (the two parts may live on different nodes); ``used``: read from replicas (see :meth:`_route`). Returns
+        the half-present entries (orphans)."""
+        if not idxs:
+            return []
+        sub = [keys[i] for i in idxs]
+        metas_sub = await self._run_routed([(k + META_SUFFIX, encode_command("GET", k + META_SUFFIX)) for k in sub],
+                                           used=used)
+        metas: list[Any] = [None] * len(keys)
+        for i, m in zip(idxs, metas_sub, strict=True):
+            metas[i] = m
+        todo = [i for i in idxs if isinstance(metas[i], bytes)]
+        no_payload = await self._get_payloads(keys, todo, metas, read_into, out, used)
+        orphans = [keys[i] for i in no_payload]  # a header without payload
+        missing_meta = [keys[i] for i in idxs if metas[i] is None]
+        if missing_meta:  # a payload without header? (EXISTS is cheap; the payload is not read)
+            ex = await self._run_routed([(k + KV_SUFFIX, encode_command("EXISTS", k + KV_SUFFIX))
+                                         for k in missing_meta], used=used)
+            orphans += [k for k, e in zip(missing_meta, ex, strict=True) if e == 1]
+        return orphans
 
     async def _get_pipelined(self, node: _Node, keys: Sequence[str], todo: Sequence[int], read_into: ReadInto,
                              out: list[GetResult | None], orphans: list[str], done: set[int], started: set[int]
@@ -570,13 +661,13 @@ class RedisConnector:
                 done.add(i)
 
     async def _get_payloads(self, keys: Sequence[str], todo: list[int], metas: list[Any], read_into: ReadInto,
-                            out: list[GetResult | None]) -> list[int]:
+                            out: list[GetResult | None], used: list[_Node] | None = None) -> list[int]:
         """Read the payloads of entries ``todo`` (whose headers are ``metas``), each asked for as the one before
         it on the same node starts arriving; returns those with no payload."""
         no_payload: list[int] = []
         groups: dict[_Node, list[int]] = defaultdict(list)
         for i in todo:
-            groups[await self._route(keys[i] + KV_SUFFIX)].append(i)
+            groups[await self._route(keys[i] + KV_SUFFIX, used)].append(i)
 
         def runner(node: _Node, idxs: list[int]) -> Callable[[], Coroutine[Any, Any, None]]:
             async def run() -> None:

@@ -140,8 +140,9 @@ def parse_redis_url(url: str, *, master_name: str | None = None, max_connections
     if scheme in ("rediss", "valkeys") or bool_opt(q, "ssl", url, False):
         ctx = _ssl_context(q, url)
     replicas = bool_opt(q, "read_from_replicas", url, read_from_replicas)  # the URL's option wins
-    if replicas and mode != "sentinel":
-        raise ConfigError(f"remote_url={url!r}: read_from_replicas is supported with redis-sentinel:// only")
+    if replicas and mode == "single":
+        raise ConfigError(f"remote_url={url!r}: read_from_replicas needs redis-sentinel:// or redis-cluster:// "
+                          "(a single server has no replicas to read from)")
     return RedisUrl(mode=mode, addrs=addrs, username=username, password=password, db=db, ssl_context=ctx,
                     master_name=name, sentinel_password=q.get("sentinel_password"), max_connections=max(1, maxc),
                     read_from_replicas=replicas)

@@ -1,0 +1,94 @@
+"""Cluster reads from replicas (``redis-cluster://...?read_from_replicas=true``) on a real 3-master + 3-replica
+Valkey cluster: reads go to the replicas (their ``keyspace_hits`` rise, the masters' do not) and return the right
+KV; with a replica killed, its slots' reads fall back to their master within the same call: all hits, nothing
+raised, the tier stays up."""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+import pytest
+import redis
+import torch
+from remote_fixtures import chunk, chunk_tensor, key, open_tier, release_all
+from servers import ValkeyCluster, redis_command, replication_settled
+
+from kvpipe.keys import ChunkKey
+
+
+def _hits(port: int) -> int:
+    info = redis_command(port, "INFO", "stats").decode(errors="replace")
+    return int(next(x for x in info.splitlines() if x.startswith("keyspace_hits:")).split(":")[1])
+
+
+async def _settled(c: ValkeyCluster) -> None:
+    """Until every replica has the whole stream and ``CLUSTER SLOTS`` lists a replica for every range (Valkey
+    leaves out a replica that has not synced anything yet)."""
+    deadline = time.monotonic() + 10
+    while not all(replication_settled(p) for p in c.master_ports()) or not _replicas_listed(c):
+        assert time.monotonic() < deadline, "replicas did not catch up"
+        await anyio.sleep(0.05)
+
+
+def _replicas_listed(c: ValkeyCluster) -> bool:
+    port = next(n.port for n in c.nodes if n.running)
+    r = redis.Redis(port=port)
+    try:
+        return all(len(rng) > 3 for rng in r.execute_command("CLUSTER", "SLOTS"))
+    finally:
+        r.close()
+
+
+async def _write(c: ValkeyCluster, keys: list[ChunkKey]) -> None:
+    """Store chunk ``i`` under ``keys[i]`` through a tier that reads from the masters, and wait for the replicas."""
+    writer = await open_tier(c.url)
+    try:
+        assert await writer.put_many(keys, [chunk(i) for i in range(len(keys))]) == len(keys)
+    finally:
+        await writer.aclose()
+    await _settled(c)
+
+
+async def test_reads_go_to_the_replicas(cluster_replicas: ValkeyCluster, key_model: str) -> None:
+    c = cluster_replicas
+    keys = [key(key_model, i) for i in range(6)]
+    await _write(c, keys)
+    tier = await open_tier(c.url + "?read_from_replicas=true")
+    try:
+        masters = set(c.master_ports())
+        replicas = {n.port for n in c.nodes if n.running} - masters
+        assert len(masters) == 3 and len(replicas) == 3
+        before = {p: _hits(p) for p in masters | replicas}
+        got = await tier.get_many(keys)
+        for g, i in zip(got, range(6), strict=True):
+            assert g is not None and torch.equal(g.tensor, chunk_tensor(i))
+        release_all(got)
+        assert await tier.contains_many(keys) == [True] * 6
+        after = {p: _hits(p) for p in masters | replicas}
+        assert sum(after[p] - before[p] for p in replicas) >= 12  # each entry's header and payload
+        assert all(after[p] == before[p] for p in masters)
+    finally:
+        await tier.aclose()
+
+
+async def test_a_killed_replica_falls_back_to_its_master(cluster_replicas: ValkeyCluster, key_model: str,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    c = cluster_replicas
+    keys = [key(key_model, i) for i in range(12)]
+    await _write(c, keys)
+    tier = await open_tier(c.url + "?read_from_replicas=true")
+    try:
+        masters = set(c.master_ports())
+        victim = next(n for n in c.nodes if n.running and n.port not in masters)
+        victim.kill()
+        for _ in range(2):  # the first read meets the dead replica, the second leaves it out
+            got = await tier.get_many(keys)
+            assert all(g is not None for g in got)
+            for g, i in zip(got, range(12), strict=True):
+                assert g is not None and torch.equal(g.tensor, chunk_tensor(i))
+            release_all(got)
+        assert tier.available
+        assert f"replica 127.0.0.1:{victim.port} failed" in caplog.text  # it was met, and left out
+    finally:
+        await tier.aclose()
