@@ -10,11 +10,11 @@ import time
 import anyio
 import pytest
 import redis
-import torch
-from remote_fixtures import chunk, chunk_tensor, key, open_tier, release_all
+from remote_fixtures import chunk, key, open_tier, read_checked
 from servers import ValkeyCluster, redis_command, replication_settled
 
 from kvpipe.keys import ChunkKey
+from kvpipe.tiers.remote import RemoteTier
 
 
 def _hits(port: int) -> int:
@@ -40,30 +40,28 @@ def _replicas_listed(c: ValkeyCluster) -> bool:
         r.close()
 
 
-async def _write(c: ValkeyCluster, keys: list[ChunkKey]) -> None:
-    """Store chunk ``i`` under ``keys[i]`` through a tier that reads from the masters, and wait for the replicas."""
+async def _written_then_replica_reader(c: ValkeyCluster, key_model: str, n: int) -> tuple[list[ChunkKey], RemoteTier]:
+    """``n`` chunks stored through a tier that uses the masters only, the replicas caught up, and a tier that
+    reads from the replicas (opened now, so its first slot map lists them)."""
+    keys = [key(key_model, i) for i in range(n)]
     writer = await open_tier(c.url)
     try:
-        assert await writer.put_many(keys, [chunk(i) for i in range(len(keys))]) == len(keys)
+        assert await writer.put_many(keys, [chunk(i) for i in range(n)]) == n
     finally:
         await writer.aclose()
     await _settled(c)
+    return keys, await open_tier(c.url + "?read_from_replicas=true")
 
 
 async def test_reads_go_to_the_replicas(cluster_replicas: ValkeyCluster, key_model: str) -> None:
     c = cluster_replicas
-    keys = [key(key_model, i) for i in range(6)]
-    await _write(c, keys)
-    tier = await open_tier(c.url + "?read_from_replicas=true")
+    keys, tier = await _written_then_replica_reader(c, key_model, 6)
     try:
         masters = set(c.master_ports())
         replicas = {n.port for n in c.nodes if n.running} - masters
         assert len(masters) == 3 and len(replicas) == 3
         before = {p: _hits(p) for p in masters | replicas}
-        got = await tier.get_many(keys)
-        for g, i in zip(got, range(6), strict=True):
-            assert g is not None and torch.equal(g.tensor, chunk_tensor(i))
-        release_all(got)
+        assert await read_checked(tier, keys, list(range(6))) == [True] * 6
         assert await tier.contains_many(keys) == [True] * 6
         after = {p: _hits(p) for p in masters | replicas}
         assert sum(after[p] - before[p] for p in replicas) >= 12  # each entry's header and payload
@@ -75,19 +73,13 @@ async def test_reads_go_to_the_replicas(cluster_replicas: ValkeyCluster, key_mod
 async def test_a_killed_replica_falls_back_to_its_master(cluster_replicas: ValkeyCluster, key_model: str,
                                                         caplog: pytest.LogCaptureFixture) -> None:
     c = cluster_replicas
-    keys = [key(key_model, i) for i in range(12)]
-    await _write(c, keys)
-    tier = await open_tier(c.url + "?read_from_replicas=true")
+    keys, tier = await _written_then_replica_reader(c, key_model, 12)
     try:
         masters = set(c.master_ports())
         victim = next(n for n in c.nodes if n.running and n.port not in masters)
         victim.kill()
         for _ in range(2):  # the first read meets the dead replica, the second leaves it out
-            got = await tier.get_many(keys)
-            assert all(g is not None for g in got)
-            for g, i in zip(got, range(12), strict=True):
-                assert g is not None and torch.equal(g.tensor, chunk_tensor(i))
-            release_all(got)
+            assert await read_checked(tier, keys, list(range(12))) == [True] * 12
         assert tier.available
         assert f"replica 127.0.0.1:{victim.port} failed" in caplog.text  # it was met, and left out
     finally:
