@@ -49,13 +49,14 @@ import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import anyio
 import attrs
 from redis.crc import key_slot
 
 from kvpipe.connectors.base import GetResult, ReadInto, aiter_of
+from kvpipe.connectors.redis_replicas import ReplicaChooser, healthy_replicas
 from kvpipe.connectors.redis_url import Addr, parse_redis_url
 from kvpipe.connectors.resp import RespError, encode_command, read_bulk_into, read_reply
 from kvpipe.connectors.sockio import Buffer, ConnectionPool, SocketIO, connect_tcp, connect_unix
@@ -78,30 +79,7 @@ T = TypeVar("T")
 # Sentinel replica reads: how often the replica list is re-read, how long a failed replica is left out, and the
 # most a refresh may take (Sentinels that do not answer must not hold up reads that a replica could serve).
 _REPLICA_REFRESH_S = 5.0
-_REPLICA_COOLDOWN_S = 5.0  # doubled for each failure in a row, up to the max
-_REPLICA_COOLDOWN_MAX_S = 60.0
 _REFRESH_BUDGET_S = 0.5
-
-
-def _healthy_replicas(reply: Any) -> list[Addr]:
-    """Replica addresses from a ``SENTINEL replicas`` reply, leaving out those Sentinel sees down, as redis-py does
-    (not by ``master-link-status``: Sentinel refreshes it only every 10 s, and a replica whose link is down still
-    serves what it has)."""
-    out: list[Addr] = []
-    if not isinstance(reply, list):
-        return out
-    for item in reply:
-        if not isinstance(item, list):
-            continue
-        f = {item[j]: item[j + 1] for j in range(0, len(item) - 1, 2)
-             if isinstance(item[j], bytes) and isinstance(item[j + 1], bytes)}
-        if set(f.get(b"flags", b"").split(b",")) & {b"s_down", b"o_down", b"disconnected"}:
-            continue
-        try:
-            out.append(Addr(f[b"ip"].decode(), int(f[b"port"])))
-        except (KeyError, ValueError):
-            continue
-    return out
 
 
 def _check(reply: Any, what: str) -> Any:
@@ -186,9 +164,7 @@ class RedisConnector:
     _master: Addr | None = attrs.field(init=False, default=None)
     _replicas: list[Addr] = attrs.field(init=False, factory=list)
     _replicas_expire: float = attrs.field(init=False, default=0.0)
-    _replica_bad: dict[Addr, float] = attrs.field(init=False, factory=dict)
-    _replica_fails: dict[Addr, int] = attrs.field(init=False, factory=dict)
-    _replica_turn: int = attrs.field(init=False, default=0)
+    _chooser: ReplicaChooser = attrs.field(init=False, factory=ReplicaChooser)
     _slots: list[Addr] | None = attrs.field(init=False, default=None)
     _slot_replicas: list[tuple[Addr, ...]] = attrs.field(init=False, factory=list)
     _slots_expire: float = attrs.field(init=False, default=0.0)
@@ -290,7 +266,7 @@ class RedisConnector:
     def _forget(self, node: _Node) -> None:
         """After a failure: drop the node's idle connections, and the master address / slot map that led to it."""
         node.pool.reset()
-        if node.replica:  # left out by _replica_failed; the master state is not in question
+        if node.replica:  # left out by _replicas_failed; the master state is not in question
             return
         if self.mode == "sentinel":
             self._master = None
@@ -354,7 +330,7 @@ class RedisConnector:
         return self._master
 
     def _set_replicas(self, reply: Any) -> None:
-        self._replicas = [a for a in _healthy_replicas(reply) if a != self._master]
+        self._replicas = [a for a in healthy_replicas(reply) if a != self._master]
         self._replicas_expire = time.monotonic() + _REPLICA_REFRESH_S
         log.debug("sentinel: replicas of %r to read from: %s", self.master_name, ", ".join(map(str, self._replicas)))
 
@@ -376,58 +352,51 @@ class RedisConnector:
         if self.mode != "sentinel" or not self.read_from_replicas:
             return None
         await self._sentinel_master()
-        now = time.monotonic()
-        if now >= self._replicas_expire:
+        if time.monotonic() >= self._replicas_expire:
             await self._refresh_replicas()
-        usable = [a for a in self._replicas if self._replica_bad.get(a, 0.0) <= now]
-        if not usable:
-            return None
-        self._replica_turn += 1
-        return self._node(usable[self._replica_turn % len(usable)], replica=True)
+        addr = self._chooser.pick(self._replicas)
+        return None if addr is None else self._node(addr, replica=True)
 
-    def _replica_failed(self, node: _Node, why: object) -> None:
-        """Leave a failed replica out: 5 s, doubling for each failure in a row (a replica that hangs would
-        otherwise cost one tier deadline every few seconds), up to 60 s."""
-        node.pool.reset()
-        n = self._replica_fails[node.addr] = self._replica_fails.get(node.addr, 0) + 1
-        pause = min(_REPLICA_COOLDOWN_S * 2 ** (n - 1), _REPLICA_COOLDOWN_MAX_S)
-        self._replica_bad[node.addr] = time.monotonic() + pause
-        (log.warning if n == 1 else log.debug)("%s: replica %s failed (%s); reading from the master for %g s",
-                                               self._safe_url, node.addr, why, pause)
+    async def _replica_read(self, fn: Callable[[list[_Node]], Awaitable[T]]) -> tuple[bool, T | None]:
+        """Run a read that goes to replicas (``fn`` appends each replica node it uses to its argument):
+        ``(True, result)``, or ``(False, None)`` when it failed; the replicas it used are then left out for a
+        while (see :class:`ReplicaChooser`) and the caller reads from the master(s)."""
+        used: list[_Node] = []
+        try:
+            result = await fn(used)
+        except (TierError, OSError, ProtocolError) as exc:
+            self._replicas_failed(used, exc)
+            return False, None
+        except anyio.get_cancelled_exc_class():  # the tier's deadline: leave these replicas out for a while
+            self._replicas_failed(used, "no answer before the deadline")
+            raise
+        self._chooser.succeeded(n.addr for n in used)
+        return True, result
+
+    def _replicas_failed(self, used: list[_Node], why: object) -> None:
+        for node in dict.fromkeys(used):
+            node.pool.reset()
+            self._chooser.failed(node.addr, why, self._safe_url)
 
     async def _on_replica(self, fn: Callable[[_Node], Awaitable[T]]) -> tuple[bool, T | None]:
-        """Run ``fn`` on a replica when reads go to replicas: ``(True, result)``, or ``(False, None)`` when there is
-        none or it failed (the caller then reads from the master)."""
+        """Sentinel: run ``fn`` on a replica when reads go to replicas: ``(True, result)``, or ``(False, None)``
+        when there is none or it failed (the caller then reads from the master)."""
         node = await self._read_replica()
         if node is None:
             return False, None
-        try:
-            result = await fn(node)
-        except (TierError, OSError, ProtocolError) as exc:
-            self._replica_failed(node, exc)
-        except anyio.get_cancelled_exc_class():  # the tier's deadline: leave this replica out for a while
-            self._replica_failed(node, "no answer before the deadline")
-            raise
-        else:
-            self._replica_fails.pop(node.addr, None)
-            return True, result
-        return False, None
+
+        async def run(used: list[_Node]) -> T:
+            used.append(node)
+            return await fn(node)
+        return await self._replica_read(run)
 
     async def _cluster_read(self, fn: Callable[[list[_Node] | None], Awaitable[T]]) -> T:
-        """A cluster read: ``fn(used)`` on replicas when ``read_from_replicas`` (replicas that fail are left out for
-        a while, and the read is done again on the masters: ``fn(None)``), else ``fn(None)``."""
-        if not self.read_from_replicas:
-            return await fn(None)
-        used: list[_Node] = []
-        try:
-            return await fn(used)
-        except (TierError, OSError, ProtocolError) as exc:
-            for node in dict.fromkeys(used):
-                self._replica_failed(node, exc)
-        except anyio.get_cancelled_exc_class():
-            for node in dict.fromkeys(used):
-                self._replica_failed(node, "no answer before the deadline")
-            raise
+        """A cluster read: ``fn(used)`` on replicas when ``read_from_replicas`` (see :meth:`_route`), done again on
+        the masters (``fn(None)``) when that fails; else ``fn(None)``."""
+        if self.read_from_replicas:
+            ok, result = await self._replica_read(fn)
+            if ok:
+                return cast(T, result)
         return await fn(None)
 
     async def _cluster_slots(self) -> list[Addr]:
@@ -473,15 +442,11 @@ class RedisConnector:
             return self._node(await self._sentinel_master())
         slots = await self._cluster_slots()
         slot = key_slot(key.encode())
-        if used is not None:
-            now = time.monotonic()
-            usable = [a for a in self._slot_replicas[slot] if self._replica_bad.get(a, 0.0) <= now]
-            if usable:
-                self._replica_turn += 1
-                node = self._node(usable[self._replica_turn % len(usable)], replica=True)
-                used.append(node)
-                return node
-        return self._node(slots[slot])
+        if used is None or (addr := self._chooser.pick(self._slot_replicas[slot])) is None:
+            return self._node(slots[slot])
+        node = self._node(addr, replica=True)
+        used.append(node)
+        return node
 
     async def _masters(self) -> list[_Node]:
         if self.mode == "cluster":
@@ -553,25 +518,15 @@ class RedisConnector:
                 handed.add(k or "")
                 return read_into(hb, k)
 
-            idxs = list(range(len(keys)))
-            if not self.read_from_replicas:
-                orphans += await self._cluster_get(keys, idxs, tracked, out, None)
-            else:
-                used: list[_Node] = []
-                try:
-                    await self._cluster_get(keys, idxs, tracked, out, used)
-                    # no orphan cleanup on the strength of a replica's view: the other half may still be on its
-                    # way to it (an entry's two keys are in different slots, replicated separately)
-                except (TierError, OSError, ProtocolError) as exc:
-                    for node in dict.fromkeys(used):
-                        self._replica_failed(node, exc)
-                    # the masters, for the entries no buffer was handed out for (those are misses)
-                    rest = [i for i in idxs if out[i] is None and keys[i] not in handed]
-                    orphans += await self._cluster_get(keys, rest, tracked, out, None)
-                except anyio.get_cancelled_exc_class():
-                    for node in dict.fromkeys(used):
-                        self._replica_failed(node, "no answer before the deadline")
-                    raise
+            async def run(used: list[_Node] | None) -> list[str]:
+                # again on the masters after a replica failed: the entries no buffer was handed out for
+                idxs = [i for i in range(len(keys)) if out[i] is None and keys[i] not in handed]
+                found = await self._cluster_get(keys, idxs, tracked, out, used)
+                # no orphan cleanup on the strength of a replica's view: the other half may still be on its way to
+                # it (an entry's two keys are in different slots, replicated separately)
+                return found if used is None else []
+
+            orphans += await self._cluster_read(run)
         else:
             # ``done``: entries answered (hit, miss or orphan); ``started``: entries whose header went to
             # ``read_into`` (a failed replica read leaves those misses: their buffers may be half-filled).
