@@ -27,7 +27,6 @@ async def aiter_of(items: Iterable[T]) -> AsyncIterator[T]:
 GetResult = tuple[bytes, memoryview] | tuple[bytes, memoryview, int]
 
 
-
 class ReadInto(Protocol):
     """``read_into(header_bytes, key=None) -> writable buffer of the payload's size, or None to skip``: lets a
     connector receive a payload straight into pool memory once it has seen the header. A connector that may read
@@ -57,7 +56,7 @@ class Connector(Protocol):
         """
         ...
 
-    async def put_many(self, items: Sequence[tuple[str, bytes, memoryview]]) -> int:
+    async def put_many(self, items: Sequence[Entry]) -> int:
         """Store ``(key, header_bytes, payload)`` entries so that a reader never sees half of one; return how many
         were stored.
 

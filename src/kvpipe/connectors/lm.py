@@ -17,7 +17,7 @@ from urllib.parse import unquote
 
 import attrs
 
-from kvpipe.connectors.base import GetResult, ReadInto, aiter_of
+from kvpipe.connectors.base import Entry, GetResult, ReadInto, aiter_of
 from kvpipe.connectors.sockio import ConnectionPool, SocketIO, connect_tcp
 from kvpipe.connectors.urlopts import number_opt, split_url
 from kvpipe.errors import ConfigError, ProtocolError, TierError, TierUnavailable
@@ -167,12 +167,12 @@ class LmConnector:
                 out.append((hb, view, digest.intdigest()))
         return out
 
-    async def put_many(self, items: Sequence[tuple[str, bytes, memoryview]]) -> int:
+    async def put_many(self, items: Sequence[Entry]) -> int:
         """Pipelined ``PUT``s (header, key, entry header and payload sent as separate buffers); returns the number
         the server stored (a full server answers ``NO_SPACE``)."""
         return await self.put_stream(aiter_of(items)) if items else 0
 
-    async def put_stream(self, items: AsyncIterator[tuple[str, bytes, memoryview]]) -> int:
+    async def put_stream(self, items: AsyncIterator[Entry]) -> int:
         """:meth:`put_many` for entries made one at a time: each ``PUT`` goes out as soon as its entry comes (the
         tier hashes the next chunk while the server takes in this one); the replies are read at the end."""
         item = await anext(items, None)

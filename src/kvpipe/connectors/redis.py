@@ -55,7 +55,7 @@ import anyio
 import attrs
 from redis.crc import key_slot
 
-from kvpipe.connectors.base import GetResult, ReadInto, aiter_of
+from kvpipe.connectors.base import Entry, GetResult, ReadInto, aiter_of
 from kvpipe.connectors.redis_replicas import ReplicaChooser, healthy_replicas
 from kvpipe.connectors.redis_url import Addr, parse_redis_url
 from kvpipe.connectors.resp import RespError, encode_command, read_bulk_into, read_reply
@@ -652,7 +652,7 @@ class RedisConnector:
         await _gather([runner(n, idxs) for n, idxs in groups.items()])
         return no_payload
 
-    async def put_many(self, items: Sequence[tuple[str, bytes, memoryview]]) -> int:
+    async def put_many(self, items: Sequence[Entry]) -> int:
         """Store entries so that a reader never sees half of one; returns how many were stored (a server out of
         memory under ``noeviction`` stores fewer)."""
         if not items:
@@ -668,14 +668,14 @@ class RedisConnector:
             return sum(r == b"OK" for r in second)
         return await self._put_pipelined(aiter_of(items))
 
-    async def put_stream(self, items: AsyncIterator[tuple[str, bytes, memoryview]]) -> int:
+    async def put_stream(self, items: AsyncIterator[Entry]) -> int:
         """:meth:`put_many` for entries made one at a time: each entry's commands go out as soon as it comes (the
         tier hashes the next chunk while the server takes in this one), and the replies are read at the end."""
         if self.mode == "cluster":  # entries go to several nodes: collect them, then route
             return await self.put_many([it async for it in items])
         return await self._put_pipelined(items)
 
-    async def _put_pipelined(self, items: AsyncIterator[tuple[str, bytes, memoryview]]) -> int:
+    async def _put_pipelined(self, items: AsyncIterator[Entry]) -> int:
         """``MULTI``/``SET kv_bytes``/``SET metadata``/``EXEC`` per entry on one connection to the master, sent as
         the entries come; returns how many were stored (a server out of memory under ``noeviction`` stores
         fewer)."""

@@ -90,14 +90,14 @@ class SocketIO:
             except _WANT_READ:
                 # Half of what is still to come: the last wake-up then has little left to copy and hash after
                 # the last byte arrived (the tail: waking only once all of it is there costs that much more).
-                want = min(need // 2, _LOWAT_MAX) if need >= _LOWAT_MIN else 1
-                if want > 1 and not self._tls:
+                want = min(need // 2, _LOWAT_MAX) if need >= _LOWAT_MIN and not self._tls else 1
+                if want > 1:
                     # At most a third of the receive buffer: asked for more than about half of it, Linux grows
                     # the buffer and clamps the TCP window to the low-water mark for good (tcp_set_rcvlowat), and
                     # the sender then stops at each mark until this side reads (4 MiB lm:// GETs were ~10%
                     # slower that way, measured here). The buffer autotunes upwards as data flows.
                     want = min(want, self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 3)
-                if want > 1 and not self._tls:
+                if want > 1:
                     self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
                     self._lowat = True
                 elif self._lowat:
