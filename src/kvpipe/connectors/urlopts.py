@@ -8,12 +8,10 @@ from __future__ import annotations
 
 from urllib.parse import SplitResult, parse_qs, urlsplit
 
+from kvpipe.config import parse_bool
 from kvpipe.errors import ConfigError
 
 __all__ = ["bool_opt", "number_opt", "split_url"]
-
-_BOOLS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
-
 
 def split_url(url: str, scheme: str | None = None) -> tuple[SplitResult, dict[str, str]]:
     """``url``'s parts and its query options (last value wins).
@@ -31,10 +29,10 @@ def bool_opt(q: dict[str, str], name: str, url: str, default: bool) -> bool:
     v = q.get(name)
     if v is None:
         return default
-    b = _BOOLS.get(v.strip().lower())
-    if b is None:
-        raise ConfigError(f"remote_url={url!r}: {name} must be true or false, got {v!r}")
-    return b
+    try:
+        return parse_bool(name, v)  # the values every bool config key takes
+    except ConfigError:
+        raise ConfigError(f"remote_url={url!r}: {name} must be true or false, got {v!r}") from None
 
 
 def number_opt(q: dict[str, str], name: str, url: str, default: int | float, *, minimum: float | None = None
