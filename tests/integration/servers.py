@@ -64,17 +64,43 @@ def _bindable(port: int) -> bool:
     return True
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(*, with_bus: bool = False) -> int:
-    """A free loopback port (and, ``with_bus``, port + 10000 free too, for a cluster bus)."""
+    """A free loopback port (and, ``with_bus``, port + 10000 free too, for a cluster bus).
+
+    Ports are picked below the kernel's ephemeral range: a port in it can be taken between the check and the
+    server's bind by any outgoing connection, and a client probing a server that is not up yet can connect to
+    itself (TCP simultaneous open) when the kernel picks the destination port as its source port.
+    """
+    top = min(_ephemeral_low(), 65536) - 1 - (10000 if with_bus else 0)
     for _ in range(500):
-        port = random.randint(20000, 40000)
+        port = random.randint(10000, max(top, 10001))
         if _bindable(port) and (not with_bus or _bindable(port + 10000)):
             return port
     raise RuntimeError("no free port")
 
 
+def _connect_checked(port: int, timeout: float) -> socket.socket:
+    """A connection to 127.0.0.1:``port``; a self-connection (no server, source port == ``port``) is refused."""
+    from kvpipe.connectors.sockio import refuse_self_connection
+
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        refuse_self_connection(s, port)
+    except OSError:
+        s.close()
+        raise
+    return s
+
+
 def _redis_ping(port: int, timeout: float = 0.5) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+    with _connect_checked(port, timeout) as s:
         s.sendall(b"*1\r\n$4\r\nPING\r\n")
         return s.recv(64)
 
@@ -124,7 +150,7 @@ class ServerProc:
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 break
-            if self.ready():
+            if self.ready() and (self.proc is None or self.proc.poll() is None):
                 return
             time.sleep(0.05)
         raise RuntimeError(f"{self.name} on port {self.port} did not start:\n{self.log_tail()}")
@@ -434,7 +460,7 @@ class LmServerProc(ServerProc):
         from kvpipe.lm.protocol import FRAME_SIZE, Frame, Op, Status
 
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+            with _connect_checked(self.port, 0.5) as s:
                 s.sendall(Frame(Op.PING, 1).to_bytes())
                 data = b""
                 while len(data) < FRAME_SIZE:

@@ -11,7 +11,7 @@ import anyio
 import pytest
 import torch
 from remote_fixtures import SHAPE, chunk, chunk_tensor, key, make_ctx, open_tier, release_all
-from servers import LmServerProc, ServerProc, ValkeySentinel, free_port, lm_server, valkey_server
+from servers import LmServerProc, ServerProc, ValkeySentinel, free_port, lm_server, redis_command, valkey_server
 
 from kvpipe.connectors.mock import MockConnector
 from kvpipe.keys import ChunkKey
@@ -130,6 +130,10 @@ async def test_sentinel_failover_mid_stream(fresh_sentinel: ValkeySentinel, key_
         release_all(got)
         old_master = topo.current_master_port()
         assert old_master == topo.master.port
+        # Replication is asynchronous: let the replica acknowledge these writes before the master dies, or the
+        # new master may rightly not have them.
+        acked = await anyio.to_thread.run_sync(redis_command, topo.master.port, "WAIT", "1", "4000")
+        assert acked.startswith(b":1"), acked
         await anyio.to_thread.run_sync(topo.master.kill)
         # Keep serving through the failover: misses and dropped stores, never an exception or wrong KV.
         deadline = time.monotonic() + 40

@@ -10,7 +10,7 @@ import threading
 import anyio
 import pytest
 
-from kvpipe.connectors.sockio import SocketIO
+from kvpipe.connectors.sockio import SocketIO, refuse_self_connection
 from kvpipe.serde.entry import payload_checksum, payload_digest
 
 pytestmark = pytest.mark.unit
@@ -51,3 +51,17 @@ async def test_read_into_with_digest_matches_payload(size: int, prefix: int, pie
     finally:
         io.close()
         b.close()
+
+
+def test_a_self_connection_is_refused() -> None:
+    # The TCP simultaneous open the kernel can produce when nothing listens on a port inside the ephemeral range
+    # and it picks that port as the source: made here on purpose (bind, then connect to the bound address).
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.connect(s.getsockname())
+        s.sendall(b"PING")
+        assert s.recv(4) == b"PING"  # it echoes: without the check an lm:// PING would look answered
+        with pytest.raises(ConnectionRefusedError, match="connected to itself"):
+            refuse_self_connection(s, s.getsockname())
+    with socket.create_server(("127.0.0.1", 0)) as srv, socket.create_connection(srv.getsockname()) as c:
+        refuse_self_connection(c, c.getpeername())  # a real peer passes

@@ -281,6 +281,17 @@ def tune_socket(sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SNDBUF)
 
 
+def refuse_self_connection(sock: socket.socket, addr: Any) -> None:
+    """Raise ``ConnectionRefusedError`` when ``sock`` is connected to itself.
+
+    TCP simultaneous open: when nothing listens on a local port inside the ephemeral range, the kernel may pick
+    that very port as the source of a connection to it, and the "connection" echoes every request back (an
+    ``lm://`` PING would seem answered, a GET would read its own frame). It is a refused connection.
+    """
+    if sock.getsockname() == sock.getpeername():
+        raise ConnectionRefusedError(errno.ECONNREFUSED, f"connect to {addr}: connected to itself (nothing listens)")
+
+
 async def _connect_sock(family: int, addr: Any) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -293,6 +304,8 @@ async def _connect_sock(family: int, addr: Any) -> socket.socket:
             err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
                 raise OSError(err, f"connect to {addr}: {os.strerror(err)}")
+        if family != socket.AF_UNIX:
+            refuse_self_connection(sock, addr)
     except BaseException:
         sock.close()
         raise
