@@ -313,16 +313,16 @@ def _replicas_in_sync(nodes: list[ServerProc]) -> bool:
     return True
 
 
-def valkey_cluster(workdir: Path, masters: int = 3, replicas: int = 0, node_timeout_ms: int = 2000
-                   ) -> ValkeyCluster:
-    """Start ``masters * (1 + replicas)`` cluster-enabled nodes and join them with ``valkey-cli --cluster create``
-    (``replicas`` per master); returns once every node reports ``cluster_state:ok`` and every replica is in
-    sync."""
+def valkey_cluster(workdir: Path, masters: int = 3, replicas: int = 0, node_timeout_ms: int = 2000,
+                   extra: tuple[str, ...] = ()) -> ValkeyCluster:
+    """Start ``masters * (1 + replicas)`` cluster-enabled nodes (``extra``: more server options) and join them
+    with ``valkey-cli --cluster create`` (``replicas`` per master); returns once every node reports
+    ``cluster_state:ok`` and every replica is in sync."""
     nodes = []
     for _ in range(masters * (1 + replicas)):
         port = free_port(with_bus=True)
         nodes.append(valkey_server(workdir, "--cluster-enabled", "yes", "--cluster-config-file",
-                                   f"nodes-{port}.conf", "--cluster-node-timeout", str(node_timeout_ms),
+                                   f"nodes-{port}.conf", "--cluster-node-timeout", str(node_timeout_ms), *extra,
                                    port=port, with_bus=True).start())
     cli = valkey_bin("valkey-cli")
     if cli is None:
@@ -339,6 +339,36 @@ def valkey_cluster(workdir: Path, masters: int = 3, replicas: int = 0, node_time
                 return c
         time.sleep(0.1)
     raise RuntimeError("cluster did not reach cluster_state:ok with its replicas in sync")
+
+
+def slot_owners(c: ValkeyCluster) -> dict[int, int]:
+    """``slot -> master port`` from a live node's ``CLUSTER SLOTS``."""
+    import redis
+
+    for n in c.nodes:
+        if not n.running:
+            continue
+        r = redis.Redis(port=n.port)
+        try:
+            ranges = r.execute_command("CLUSTER", "SLOTS")
+        except redis.RedisError:
+            continue
+        finally:
+            r.close()
+        out: dict[int, int] = {}
+        for rng in ranges:
+            start, end, master = rng[0], rng[1], rng[2]
+            out.update(dict.fromkeys(range(start, end + 1), int(master[1])))
+        return out
+    raise AssertionError("no live cluster node")
+
+
+def masters_of(k: Any, owners: dict[int, int]) -> set[int]:
+    """The master ports holding the two parts of the entry under chunk key ``k``."""
+    from redis.crc import key_slot
+
+    s = k.to_string()
+    return {owners[key_slot((s + sfx).encode())] for sfx in ("kv_bytes", "metadata")}
 
 
 def replication_settled(master_port: int) -> bool:

@@ -8,38 +8,9 @@ from __future__ import annotations
 import time
 
 import anyio
-import redis
 from redis.crc import key_slot
 from remote_fixtures import chunk, key, make_ctx, open_tier, read_checked
-from servers import ValkeyCluster, redis_command, replication_settled
-
-from kvpipe.keys import ChunkKey
-
-
-def _slot_owners(c: ValkeyCluster) -> dict[int, int]:
-    """``slot -> master port`` from a live node's ``CLUSTER SLOTS``."""
-    for n in c.nodes:
-        if not n.running:
-            continue
-        r = redis.Redis(port=n.port)
-        try:
-            ranges = r.execute_command("CLUSTER", "SLOTS")
-        except redis.RedisError:
-            continue
-        finally:
-            r.close()
-        out: dict[int, int] = {}
-        for rng in ranges:
-            start, end, master = rng[0], rng[1], rng[2]
-            out.update(dict.fromkeys(range(start, end + 1), int(master[1])))
-        return out
-    raise AssertionError("no live cluster node")
-
-
-def _ports_of(k: ChunkKey, owners: dict[int, int]) -> set[int]:
-    """The masters holding an entry's two parts."""
-    s = k.to_string()
-    return {owners[key_slot((s + sfx).encode())] for sfx in ("kv_bytes", "metadata")}
+from servers import ValkeyCluster, masters_of, redis_command, replication_settled, slot_owners
 
 
 def _replica_of(c: ValkeyCluster, master_port: int) -> int:
@@ -66,7 +37,7 @@ async def test_manual_failover_moved_refreshes_the_slot_map(cluster_replicas: Va
         assert await tier.put_many(keys, [chunk(i) for i in seeds]) == 24
         await _all_settled(c)
         assert all(await read_checked(tier, keys, seeds))  # slot map cached, connections pooled
-        owners = _slot_owners(c)
+        owners = slot_owners(c)
         old = owners[key_slot((keys[0].to_string() + "metadata").encode())]
         new = _replica_of(c, old)
         redis_command(new, "CLUSTER", "FAILOVER")  # graceful: the old master stays up, as a replica
@@ -80,7 +51,7 @@ async def test_manual_failover_moved_refreshes_the_slot_map(cluster_replicas: Va
         assert not first[0]
         assert all(await read_checked(tier, keys, seeds))  # the slot map was re-read
         assert tier.available and tier.statistics().extra["down_events"] == 0
-        assert owners != _slot_owners(c)
+        assert owners != slot_owners(c)
     finally:
         await tier.aclose()
 
@@ -95,9 +66,9 @@ async def test_master_killed_mid_stream(cluster_replicas: ValkeyCluster, key_mod
         assert await tier.put_many(before, [chunk(i) for i in seeds]) == 30
         await _all_settled(c)
         assert all(await read_checked(tier, before, seeds))
-        owners = _slot_owners(c)
-        victim = max(c.master_ports(), key=lambda p: sum(p in _ports_of(k, owners) for k in before))
-        on_victim = [k for k in before if victim in _ports_of(k, owners)]
+        owners = slot_owners(c)
+        victim = max(c.master_ports(), key=lambda p: sum(p in masters_of(k, owners) for k in before))
+        on_victim = [k for k in before if victim in masters_of(k, owners)]
         assert on_victim
         promoted = _replica_of(c, victim)
         killed_at: list[float] = []
@@ -119,7 +90,7 @@ async def test_master_killed_mid_stream(cluster_replicas: ValkeyCluster, key_mod
                 except BaseException as exc:  # anything else reaching the caller is a failure
                     errors.append(exc)
                     raise
-                if hit and killed_at and victim in _ports_of(k, owners):
+                if hit and killed_at and victim in masters_of(k, owners):
                     victim_hits_after.append(time.monotonic())
                 await anyio.sleep(0.01)
 

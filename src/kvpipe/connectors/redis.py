@@ -33,6 +33,15 @@ it has) answers a miss for an entry it has not received; what it returns is vali
 key fingerprint, checksum), and entries are content-addressed, so an old copy is still the right KV. Orphans
 and corrupt entries found on a replica are deleted on the master.
 
+Cluster masters fail one at a time: a master whose connection is refused, reset or garbled is left out for a
+second (its slots' entries are misses and stores to them are dropped, at once), while the other masters keep
+serving and the tier stays up; the slot map is re-read every half second meanwhile, so a promoted replica is used as
+soon as the cluster lists it. Halves of entries whose other half is on a master left out are not taken for orphans.
+Only when no master answers is the remote down for the tier. (A master that hangs rather than failing lets the
+tier's deadline pass: that call fails as a whole and the tier goes down, as for any remote.) With the default
+``cluster-require-full-coverage yes`` the other masters themselves refuse every key (``CLUSTERDOWN``) once the
+cluster marks the master failed, until a replica takes over; a cache cluster usually sets it to ``no``.
+
 Cluster reads from replicas (``redis-cluster://...?read_from_replicas=true``): ``GET``/``EXISTS`` of a key go to
 a replica of its slot (round robin; the connection sends ``READONLY``), from the replicas ``CLUSTER SLOTS`` lists,
 re-read every few seconds. A replica that fails is left out as above and the call is done again on the masters
@@ -80,6 +89,25 @@ T = TypeVar("T")
 # most a refresh may take (Sentinels that do not answer must not hold up reads that a replica could serve).
 _REPLICA_REFRESH_S = 5.0
 _REFRESH_BUDGET_S = 0.5
+# Cluster: a master that cannot be reached (refused, reset) is left out this long: its slots' entries are misses
+# and stores to them are dropped, at once, while the other masters keep serving; the slot map is re-read this often
+# meanwhile, so the replica promoted in its place is used as soon as the cluster lists it.
+_NODE_DOWN_S = 1.0
+_DOWN_MAP_REFRESH_S = 0.5
+
+
+class _NodeDown:
+    """A reply placeholder: this command's cluster node is down (not the same as a nil reply)."""
+
+    def __repr__(self) -> str:
+        return "<node down>"
+
+
+_NODE_DOWN = _NodeDown()
+
+
+class _NodeUnreachable(TierUnavailable):
+    """A node's connection failed (refused, reset, closed, garbled): the node, not the request, is the problem."""
 
 
 def _check(reply: Any, what: str) -> Any:
@@ -168,6 +196,7 @@ class RedisConnector:
     _slots: list[Addr] | None = attrs.field(init=False, default=None)
     _slot_replicas: list[tuple[Addr, ...]] = attrs.field(init=False, factory=list)
     _slots_expire: float = attrs.field(init=False, default=0.0)
+    _down_until: dict[Addr, float] = attrs.field(init=False, factory=dict)
     _closed: bool = attrs.field(init=False, default=False)
 
     # -- construction -------------------------------------------------------------------------------------------
@@ -258,7 +287,7 @@ class RedisConnector:
                 yield io
         except (OSError, ProtocolError) as exc:
             self._forget(node)
-            raise TierUnavailable(f"{self._safe_url} ({node.addr}): {exc}") from exc
+            raise _NodeUnreachable(f"{self._safe_url} ({node.addr}): {exc}") from exc
         except TierUnavailable:
             self._forget(node)
             raise
@@ -271,7 +300,27 @@ class RedisConnector:
         if self.mode == "sentinel":
             self._master = None
         elif self.mode == "cluster":
-            self._slots = None
+            self._slots_expire = 0.0  # re-read at the next call (the old map stays when no node answers)
+
+    def _node_down(self, node: _Node) -> bool:
+        """Cluster: whether master ``node`` is being left out after a failure."""
+        until = self._down_until.get(node.addr)
+        if until is None:
+            return False
+        if time.monotonic() < until:
+            return True
+        del self._down_until[node.addr]  # try it again
+        return False
+
+    def _node_failed(self, node: _Node, exc: BaseException) -> None:
+        if node.addr not in self._down_until:
+            log.warning("%s: cluster master %s failed (%s); its slots are misses while the other masters keep "
+                        "serving, until it answers again or a replica takes its place", self._safe_url, node.addr,
+                        exc)
+        self._down_until[node.addr] = time.monotonic() + _NODE_DOWN_S
+
+    def _all_masters_down(self) -> bool:
+        return self._slots is not None and all(a in self._down_until for a in set(self._slots))
 
     async def _ask_sentinels(self, commands: Sequence[Sequence[str]], accept: Callable[[list[Any]], str | None],
                              what: str) -> list[Any]:
@@ -400,13 +449,19 @@ class RedisConnector:
         return await fn(None)
 
     async def _cluster_slots(self) -> list[Addr]:
-        if self._slots is not None and (not self.read_from_replicas or time.monotonic() < self._slots_expire):
+        if self._slots is not None and time.monotonic() < self._slots_expire:
             return self._slots
         # Reading from replicas, the map is also re-read every few seconds: replicas join, leave and fail over
-        # without any MOVED reaching this client.
-        self._slots_expire = time.monotonic() + _REPLICA_REFRESH_S
+        # without any MOVED reaching this client. With a master left out, every half second: a replica takes its
+        # place without a MOVED either (the dead master's connections are refused, not redirected).
+        if self._down_until:
+            every = _DOWN_MAP_REFRESH_S
+        else:
+            every = _REPLICA_REFRESH_S if self.read_from_replicas else float("inf")
+        self._slots_expire = time.monotonic() + every
         errors = []
-        for seed in list(self.addrs) + [a for a in self._nodes if a not in self.addrs]:
+        seeds = list(self.addrs) + [a for a in self._nodes if a not in self.addrs]
+        for seed in sorted(seeds, key=lambda a: a in self._down_until):  # the nodes left out last
             try:
                 async with self._conn(self._node(seed)) as io:
                     await io.send_all(encode_command("CLUSTER", "SLOTS"))
@@ -427,6 +482,8 @@ class RedisConnector:
                 continue
             self._slot_replicas = replicas
             self._slots = slots  # type: ignore[assignment]
+            for a in [a for a in self._down_until if a not in set(slots)]:
+                del self._down_until[a]  # no longer a master (a replica took over): nothing left to skip
             return self._slots  # type: ignore[return-value]
         if self._slots is not None:  # a periodic re-read failed: keep the map we have
             log.debug("%s: cannot re-read the cluster slot map: %s", self._safe_url, "; ".join(errors))
@@ -459,25 +516,40 @@ class RedisConnector:
         to ``node``; replies in command order, error replies as :class:`RespError`. ``used``: see :meth:`_route`
         (a read that may go to cluster replicas)."""
         groups: dict[_Node, list[int]] = defaultdict(list)
+        replies: list[Any] = [None] * len(cmds)
         if node is not None:
             groups[node] = list(range(len(cmds)))
         else:
             for i, (rkey, _) in enumerate(cmds):
-                groups[await self._route(rkey, used)].append(i)
-        replies: list[Any] = [None] * len(cmds)
+                n = await self._route(rkey, used)
+                if self.mode == "cluster" and not n.replica and self._node_down(n):
+                    replies[i] = _NODE_DOWN
+                else:
+                    groups[n].append(i)
 
         def runner(node: _Node, idxs: list[int]) -> Callable[[], Coroutine[Any, Any, None]]:
             async def run() -> None:
-                async with self._conn(node) as io:
-                    bufs: list[Buffer] = []
-                    for i in idxs:
-                        bufs += cmds[i][1]
-                    await io.send_all(bufs)
-                    for i in idxs:
-                        replies[i] = await read_reply(io)
+                done = 0
+                try:
+                    async with self._conn(node) as io:
+                        bufs: list[Buffer] = []
+                        for i in idxs:
+                            bufs += cmds[i][1]
+                        await io.send_all(bufs)
+                        for i in idxs:
+                            replies[i] = await read_reply(io)
+                            done += 1
+                except _NodeUnreachable as exc:
+                    if self.mode != "cluster" or node.replica:
+                        raise
+                    self._node_failed(node, exc)
+                    for i in idxs[done:]:
+                        replies[i] = _NODE_DOWN
             return run
 
         await _gather([runner(n, idxs) for n, idxs in groups.items()])
+        if self.mode == "cluster" and replies and all(r is _NODE_DOWN for r in replies) and self._all_masters_down():
+            raise TierUnavailable(f"{self._safe_url}: no cluster master answers")
         for r in replies:
             if isinstance(r, RespError) and r.kind in ("MOVED", "ASK"):
                 self._slots = None  # the next call reads the new slot map
@@ -622,32 +694,42 @@ class RedisConnector:
         no_payload: list[int] = []
         groups: dict[_Node, list[int]] = defaultdict(list)
         for i in todo:
-            groups[await self._route(keys[i] + KV_SUFFIX, used)].append(i)
+            n = await self._route(keys[i] + KV_SUFFIX, used)
+            if n.replica or not self._node_down(n):  # a master left out: a miss, not a header without payload
+                groups[n].append(i)
 
         def runner(node: _Node, idxs: list[int]) -> Callable[[], Coroutine[Any, Any, None]]:
             async def run() -> None:
-                async with self._conn(node) as io:
-                    await io.send_all(encode_command("GET", keys[idxs[0]] + KV_SUFFIX))
-                    for j, i in enumerate(idxs):
-                        meta = metas[i]
-
-                        def target(_n: int, meta: bytes = meta, k: str = keys[i]) -> memoryview | None:
-                            return read_into(meta, k)
-
-                        nxt = encode_command("GET", keys[idxs[j + 1]] + KV_SUFFIX) if j + 1 < len(idxs) else []
-                        digest = payload_digest()
-                        res = await read_bulk_into(io, target, digest, _sender(io, nxt))
-                        if isinstance(res, RespError):
-                            if res.kind in ("MOVED", "ASK"):
-                                self._slots = None
-                                continue
-                            _check(res, f"GET {keys[i]}{KV_SUFFIX}")
-                        n, view = res  # type: ignore[misc]
-                        if n >= 0:
-                            out[i] = (meta, view, digest.intdigest()) if view is not None else (meta, _EMPTY)
-                        else:
-                            no_payload.append(i)
+                try:
+                    await read_node(node, idxs)
+                except _NodeUnreachable as exc:
+                    if node.replica:
+                        raise
+                    self._node_failed(node, exc)  # the entries not read yet are misses
             return run
+
+        async def read_node(node: _Node, idxs: list[int]) -> None:
+            async with self._conn(node) as io:
+                await io.send_all(encode_command("GET", keys[idxs[0]] + KV_SUFFIX))
+                for j, i in enumerate(idxs):
+                    meta = metas[i]
+
+                    def target(_n: int, meta: bytes = meta, k: str = keys[i]) -> memoryview | None:
+                        return read_into(meta, k)
+
+                    nxt = encode_command("GET", keys[idxs[j + 1]] + KV_SUFFIX) if j + 1 < len(idxs) else []
+                    digest = payload_digest()
+                    res = await read_bulk_into(io, target, digest, _sender(io, nxt))
+                    if isinstance(res, RespError):
+                        if res.kind in ("MOVED", "ASK"):
+                            self._slots = None
+                            continue
+                        _check(res, f"GET {keys[i]}{KV_SUFFIX}")
+                    n, view = res  # type: ignore[misc]
+                    if n >= 0:
+                        out[i] = (meta, view, digest.intdigest()) if view is not None else (meta, _EMPTY)
+                    else:
+                        no_payload.append(i)
 
         await _gather([runner(n, idxs) for n, idxs in groups.items()])
         return no_payload
@@ -751,12 +833,23 @@ class RedisConnector:
     async def ping(self) -> None:
         """PING every master (rediscovering the Sentinel master / cluster slots first).
 
-        :raises TierUnavailable: when one cannot be reached or is not ready.
+        :raises TierUnavailable: when one cannot be reached or is not ready; in a cluster, when none can be
+            reached (the others are left out for a while, see ``_NODE_DOWN_S``) or one is not ready.
         """
-        for node in await self._masters():
-            async with self._conn(node) as io:
-                await io.send_all(encode_command("PING"))
-                _check(await read_reply(io), f"PING {node.addr}")
+        masters = await self._masters()
+        unreachable: list[str] = []
+        for node in masters:
+            try:
+                async with self._conn(node) as io:
+                    await io.send_all(encode_command("PING"))
+                    _check(await read_reply(io), f"PING {node.addr}")
+            except _NodeUnreachable as exc:
+                if self.mode != "cluster":
+                    raise
+                self._node_failed(node, exc)
+                unreachable.append(str(exc))
+        if len(unreachable) == len(masters):
+            raise TierUnavailable(f"{self._safe_url}: no cluster master answers: " + "; ".join(unreachable))
 
     def reset(self) -> None:
         """Forget connections, master address and slot map (the tier calls this when it marks the remote down)."""
@@ -765,6 +858,7 @@ class RedisConnector:
         self._master = None
         self._replicas_expire = 0.0
         self._slots = None
+        self._down_until.clear()
 
     async def aclose(self) -> None:
         """Close every connection; idempotent."""

