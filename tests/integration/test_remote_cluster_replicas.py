@@ -1,7 +1,7 @@
 """Cluster reads from replicas (``redis-cluster://...?read_from_replicas=true``) on a real 3-master + 3-replica
 Valkey cluster: reads go to the replicas (their ``keyspace_hits`` rise, the masters' do not) and return the right
 KV; with a replica killed, its slots' reads fall back to their master within the same call: all hits, nothing
-raised, the tier stays up."""
+raised, the tier stays up; half entries seen on replicas are cleaned up when the masters hold half of them too."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import time
 import anyio
 import pytest
 import redis
+from redis.crc import key_slot
 from remote_fixtures import chunk, key, open_tier, read_checked
-from servers import ValkeyCluster, redis_command, replication_settled
+from servers import ValkeyCluster, redis_command, replication_settled, slot_owners
 
 from kvpipe.keys import ChunkKey
 from kvpipe.tiers.remote import RemoteTier
@@ -70,6 +71,36 @@ async def test_reads_go_to_the_replicas(cluster_replicas: ValkeyCluster, key_mod
         await tier.aclose()
 
 
+async def test_orphans_seen_on_replicas_are_cleaned_on_the_masters(cluster_replicas: ValkeyCluster,
+                                                                  key_model: str) -> None:
+    c = cluster_replicas
+    keys, tier = await _written_then_replica_reader(c, key_model, 6)
+    try:
+        owners = slot_owners(c)
+
+        def on_master(*cmd: str) -> bytes:
+            return redis_command(owners[key_slot(cmd[1].encode())], *cmd)
+
+        k0, k1 = keys[0].to_string(), keys[1].to_string()
+        assert on_master("DEL", k0 + "metadata").startswith(b":1")  # a payload without header
+        assert on_master("DEL", k1 + "kv_bytes").startswith(b":1")  # a header without payload
+        await _settled(c)
+        replicas = {n.port for n in c.nodes if n.running} - set(c.master_ports())
+        before = {p: _hits(p) for p in replicas}
+        hits = await read_checked(tier, keys, list(range(6)))
+        assert hits == [False, False, True, True, True, True]
+        assert sum(_hits(p) - before[p] for p in replicas) >= 8  # the reads went to the replicas
+        # confirmed half on the masters, and deleted there
+        assert on_master("EXISTS", k0 + "kv_bytes").startswith(b":0")
+        assert on_master("EXISTS", k1 + "metadata").startswith(b":0")
+        for k in keys[2:]:  # whole entries untouched
+            s = k.to_string()
+            assert on_master("EXISTS", s + "kv_bytes").startswith(b":1")
+            assert on_master("EXISTS", s + "metadata").startswith(b":1")
+    finally:
+        await tier.aclose()
+
+
 async def test_a_killed_replica_falls_back_to_its_master(cluster_replicas: ValkeyCluster, key_model: str,
                                                         caplog: pytest.LogCaptureFixture) -> None:
     c = cluster_replicas
@@ -84,3 +115,4 @@ async def test_a_killed_replica_falls_back_to_its_master(cluster_replicas: Valke
         assert f"replica 127.0.0.1:{victim.port} failed" in caplog.text  # it was met, and left out
     finally:
         await tier.aclose()
+

@@ -46,7 +46,8 @@ Cluster reads from replicas (``redis-cluster://...?read_from_replicas=true``): `
 a replica of its slot (round robin; the connection sends ``READONLY``), from the replicas ``CLUSTER SLOTS`` lists,
 re-read every few seconds. A replica that fails is left out as above and the call is done again on the masters
 (for the entries no buffer was handed out for yet). An entry's two keys live in different slots, replicated
-separately, so half an entry seen on replicas may be a lag: it is a miss and nothing is deleted.
+separately, so half an entry seen on replicas may be a lag: it is a miss, and it is deleted only when the masters
+hold half of it too (``EXISTS`` of both parts there).
 """
 
 from __future__ import annotations
@@ -594,9 +595,9 @@ class RedisConnector:
                 # again on the masters after a replica failed: the entries no buffer was handed out for
                 idxs = [i for i in range(len(keys)) if out[i] is None and keys[i] not in handed]
                 found = await self._cluster_get(keys, idxs, tracked, out, used)
-                # no orphan cleanup on the strength of a replica's view: the other half may still be on its way to
-                # it (an entry's two keys are in different slots, replicated separately)
-                return found if used is None else []
+                # A replica's view of a half entry may be a lag (an entry's two keys are in different slots,
+                # replicated separately): only what the masters also hold half of is an orphan.
+                return found if used is None or not found else await self._halves_on_masters(found)
 
             orphans += await self._cluster_read(run)
         else:
@@ -621,6 +622,13 @@ class RedisConnector:
             except TierError as exc:
                 log.debug("orphan cleanup failed: %s", exc)
         return out
+
+    async def _halves_on_masters(self, ks: Sequence[str]) -> list[str]:
+        """Those of entries ``ks`` of which the masters hold exactly one part (a master left out says neither)."""
+        cmds = [(k + sfx, encode_command("EXISTS", k + sfx)) for k in ks for sfx in (META_SUFFIX, KV_SUFFIX)]
+        r = await self._run_routed(cmds)
+        return [k for i, k in enumerate(ks)
+                if isinstance(r[2 * i], int) and isinstance(r[2 * i + 1], int) and r[2 * i] + r[2 * i + 1] == 1]
 
     async def _cluster_get(self, keys: Sequence[str], idxs: Sequence[int], read_into: ReadInto,
                            out: list[GetResult | None], used: list[_Node] | None) -> list[str]:
