@@ -34,6 +34,10 @@ def test_allocate_views_pool_memory() -> None:
     region = pool.buffer[obj.offset : obj.offset + obj.nbytes].view(torch.float32)
     assert torch.all(region == 3.0)  # the tensor is pool memory, not a copy
     assert len(obj.byte_view) == obj.nbytes
+    assert bytes(obj.byte_view) == obj.tensor.view(-1).view(torch.uint8).numpy().tobytes()
+    assert (obj.shape, obj.dtype) == ((2, 2, 16, 2, 4), torch.float32)  # known without a torch call
+    detached = MemoryObj.detached(torch.ones(3, 5, dtype=torch.float16), 3)
+    assert (detached.shape, detached.dtype) == ((3, 5), torch.float16)
     assert pool.used == obj.nbytes and pool.statistics().allocated_objects == 1
     obj.release()
     assert pool.used == 0 and pool.statistics().allocated_objects == 0

@@ -99,6 +99,16 @@ class MemoryObj:
             self.pool._free(self.offset, self.nbytes)
 
     @property
+    def shape(self) -> tuple[int, ...]:
+        """The allocated shape (no torch call for a pool region)."""
+        return self._shape if self.pool is not None else tuple(self.tensor.shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The allocated dtype (no torch call for a pool region)."""
+        return self._dtype if self.pool is not None else self.tensor.dtype
+
+    @property
     def byte_view(self) -> memoryview:
         """The region's bytes (a view, no copy; no torch call for a pool region)."""
         if self.pool is not None:

@@ -22,6 +22,8 @@ delete. No pickle, ever.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
+from typing import Protocol
 
 import attrs
 import torch
@@ -35,6 +37,7 @@ __all__ = [
     "DTYPE_CODES",
     "HEADER_SIZE",
     "MAGIC",
+    "Described",
     "EntryHeader",
     "dtype_from_name",
     "dtype_name",
@@ -101,6 +104,16 @@ def key_fingerprint(key: ChunkKey | str) -> int:
     return xxhash.xxh3_64_intdigest(str(key).encode())
 
 
+class Described(Protocol):
+    """What a header needs of the KV it describes (a tensor or a :class:`~kvpipe.memory.pool.MemoryObj`)."""
+
+    @property
+    def shape(self) -> Sequence[int]: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+
 @attrs.frozen
 class EntryHeader:
     """The fixed header of one stored entry."""
@@ -116,10 +129,11 @@ class EntryHeader:
     version: int = VERSION
 
     @classmethod
-    def for_payload(cls, key: ChunkKey | str, serde: str, kv: torch.Tensor, num_tokens: int,
+    def for_payload(cls, key: ChunkKey | str, serde: str, kv: Described, num_tokens: int,
                     payload: object, payload_len: int, flags: int = 0, checksum: int | None = None
                     ) -> EntryHeader:
-        """The header describing ``payload`` (the encoding of ``kv``) stored under ``key``; ``checksum``: the
+        """The header describing ``payload`` (the encoding of ``kv``: a tensor, or a pool region, whose shape and
+        dtype are known without a torch call) stored under ``key``; ``checksum``: the
         payload's, when the caller computed it already (``payload`` is then not read)."""
         return cls(serde=serde, dtype=kv.dtype, shape=tuple(kv.shape), num_tokens=num_tokens,
                    payload_len=payload_len, checksum=payload_checksum(payload) if checksum is None else checksum,
