@@ -59,6 +59,14 @@ def release_all(objs: list[MemoryObj | None]) -> None:
             o.release()
 
 
+async def write_chunks(tier: RemoteTier, model: str, n: int) -> tuple[list[ChunkKey], list[int]]:
+    """Store chunks ``0..n-1`` of ``model`` (every one must be stored); their keys and seeds."""
+    keys = [key(model, i) for i in range(n)]
+    seeds = list(range(n))
+    assert await tier.put_many(keys, [chunk(i) for i in seeds]) == n
+    return keys, seeds
+
+
 async def read_checked(tier: RemoteTier, keys: list[ChunkKey], seeds: list[int]) -> list[bool]:
     """Which of ``keys`` hit; every hit must be the KV of its seed (``chunk_tensor(seed)``), else the test fails."""
     got = await tier.get_many(keys)

@@ -9,7 +9,7 @@ import time
 
 import anyio
 from redis.crc import key_slot
-from remote_fixtures import chunk, key, make_ctx, open_tier, read_checked
+from remote_fixtures import chunk, key, make_ctx, open_tier, read_checked, write_chunks
 from servers import ValkeyCluster, masters_of, redis_command, replication_settled, slot_owners
 
 
@@ -32,9 +32,7 @@ async def test_manual_failover_moved_refreshes_the_slot_map(cluster_replicas: Va
     c = cluster_replicas
     tier = await open_tier(c.url, make_ctx(timeout=2.0))
     try:
-        keys = [key(key_model, i) for i in range(24)]
-        seeds = list(range(24))
-        assert await tier.put_many(keys, [chunk(i) for i in seeds]) == 24
+        keys, seeds = await write_chunks(tier, key_model, 24)
         await _all_settled(c)
         assert all(await read_checked(tier, keys, seeds))  # slot map cached, connections pooled
         owners = slot_owners(c)
@@ -61,9 +59,7 @@ async def test_master_killed_mid_stream(cluster_replicas: ValkeyCluster, key_mod
     tier = await open_tier(c.url, make_ctx(timeout=1.0))
     errors: list[BaseException] = []
     try:
-        before = [key(key_model, i) for i in range(30)]
-        seeds = [i % 50 for i in range(30)]
-        assert await tier.put_many(before, [chunk(i) for i in seeds]) == 30
+        before, seeds = await write_chunks(tier, key_model, 30)
         await _all_settled(c)
         assert all(await read_checked(tier, before, seeds))
         owners = slot_owners(c)

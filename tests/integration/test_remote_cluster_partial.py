@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import anyio
 import pytest
 from redis.crc import key_slot
-from remote_fixtures import chunk, key, make_ctx, open_tier, read_checked
+from remote_fixtures import chunk, key, make_ctx, open_tier, read_checked, write_chunks
 from servers import ValkeyCluster, masters_of, redis_command, slot_owners, valkey_bin, valkey_cluster
 
 
@@ -38,9 +38,7 @@ async def test_a_dead_master_takes_only_its_slots(cache_cluster: ValkeyCluster, 
     c = cache_cluster
     tier = await open_tier(c.url, make_ctx(timeout=2.0))
     try:
-        before = [key(key_model, i) for i in range(30)]
-        seeds = list(range(30))
-        assert await tier.put_many(before, [chunk(i) for i in seeds]) == 30
+        before, seeds = await write_chunks(tier, key_model, 30)
         assert all(await read_checked(tier, before, seeds))
         owners = slot_owners(c)
         victim = max(c.master_ports(), key=lambda p: sum(p in masters_of(k, owners) for k in before))
@@ -106,9 +104,7 @@ async def test_every_master_dead_marks_the_tier_down_until_they_return(cache_clu
     c = cache_cluster
     tier = await open_tier(c.url, make_ctx(timeout=2.0))
     try:
-        keys = [key(key_model, i) for i in range(12)]
-        seeds = list(range(12))
-        assert await tier.put_many(keys, [chunk(i) for i in seeds]) == 12
+        keys, seeds = await write_chunks(tier, key_model, 12)
         masters = c.master_ports()
         for p in masters:
             await anyio.to_thread.run_sync(c.node(p).kill)
