@@ -198,6 +198,7 @@ class RedisConnector:
     _slot_replicas: list[tuple[Addr, ...]] = attrs.field(init=False, factory=list)
     _slots_expire: float = attrs.field(init=False, default=0.0)
     _down_until: dict[Addr, float] = attrs.field(init=False, factory=dict)
+    _down_logged: set[Addr] = attrs.field(init=False, factory=set)  # warned about, not seen answering since
     _closed: bool = attrs.field(init=False, default=False)
 
     # -- construction -------------------------------------------------------------------------------------------
@@ -314,11 +315,17 @@ class RedisConnector:
         return False
 
     def _node_failed(self, node: _Node, exc: BaseException) -> None:
-        if node.addr not in self._down_until:
+        if node.addr not in self._down_logged:  # once per outage, not at every retry
+            self._down_logged.add(node.addr)
             log.warning("%s: cluster master %s failed (%s); its slots are misses while the other masters keep "
                         "serving, until it answers again or a replica takes its place", self._safe_url, node.addr,
                         exc)
         self._down_until[node.addr] = time.monotonic() + _NODE_DOWN_S
+
+    def _node_answered(self, node: _Node) -> None:
+        if self._down_logged and node.addr in self._down_logged:
+            self._down_logged.discard(node.addr)
+            log.warning("%s: cluster master %s answers again", self._safe_url, node.addr)
 
     def _all_masters_down(self) -> bool:
         return self._slots is not None and all(a in self._down_until for a in set(self._slots))
@@ -485,6 +492,7 @@ class RedisConnector:
             self._slots = slots  # type: ignore[assignment]
             for a in [a for a in self._down_until if a not in set(slots)]:
                 del self._down_until[a]  # no longer a master (a replica took over): nothing left to skip
+                self._down_logged.discard(a)
             return self._slots  # type: ignore[return-value]
         if self._slots is not None:  # a periodic re-read failed: keep the map we have
             log.debug("%s: cannot re-read the cluster slot map: %s", self._safe_url, "; ".join(errors))
@@ -540,6 +548,7 @@ class RedisConnector:
                         for i in idxs:
                             replies[i] = await read_reply(io)
                             done += 1
+                    self._node_answered(node)
                 except _NodeUnreachable as exc:
                     if self.mode != "cluster" or node.replica:
                         raise
@@ -867,6 +876,7 @@ class RedisConnector:
         self._replicas_expire = 0.0
         self._slots = None
         self._down_until.clear()
+        self._down_logged.clear()
 
     async def aclose(self) -> None:
         """Close every connection; idempotent."""
