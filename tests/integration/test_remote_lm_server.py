@@ -12,7 +12,7 @@ import anyio
 import pytest
 import torch
 from remote_fixtures import chunk, chunk_tensor, key, open_tier, release_all
-from servers import LmServerProc, lm_server
+from servers import LmServerProc, free_port, lm_server
 
 from kvpipe.connectors.lm import LmConnector
 from kvpipe.errors import TierUnavailable
@@ -132,3 +132,25 @@ def test_lmcache_server_arguments(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "kvpipe.lm.server", "--help"], capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0 and "--max-size" in r.stdout and "--auth-token" in r.stdout
+
+
+async def test_the_installed_lmcache_server_command_serves(tmp_path: Path, key_model: str) -> None:
+    # The user guide's `lmcache_server <host> <port> [device]`, as installed by the package.
+    script = Path(sys.executable).parent / "lmcache_server"
+    if not script.exists():
+        pytest.skip("lmcache_server is not installed next to this interpreter (pip install -e .)")
+    port = free_port()
+    d = tmp_path / "lmcache-server"
+    d.mkdir()
+    server = LmServerProc([str(script), "127.0.0.1", str(port), "cpu"], port, d, "lmcache_server").start()
+    tier = await open_tier(f"lm://127.0.0.1:{port}")
+    try:
+        k = key(key_model, 0)
+        assert await tier.put_many([k], [chunk(0)]) == 1
+        (got,) = await tier.get_many([k])
+        assert got is not None and torch.equal(got.tensor, chunk_tensor(0))
+        got.release()
+    finally:
+        await tier.aclose()
+        server.stop()
+    assert f"lm server listening on 127.0.0.1:{port}" in server.log_tail()
