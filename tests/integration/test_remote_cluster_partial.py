@@ -57,7 +57,7 @@ async def test_a_dead_master_takes_only_its_slots(cache_cluster: ValkeyCluster, 
         n_new = 0
         end = time.monotonic() + 3.0
         rounds = 0
-        while time.monotonic() < end:
+        while rounds < 5 or time.monotonic() < end:  # past the node timeout, and several rounds
             rounds += 1
             hits = await read_checked(tier, before, seeds)
             assert [i for i in range(30) if hits[i]] == elsewhere
@@ -68,7 +68,6 @@ async def test_a_dead_master_takes_only_its_slots(cache_cluster: ValkeyCluster, 
             assert got == [victim not in masters_of(k, owners) for k in fresh]
             n_new += 4
             await anyio.sleep(0.1)
-        assert rounds >= 5
         s = tier.statistics()
         assert tier.available and s.extra["down_events"] == 0
         assert s.misses >= len(on_victim) * rounds
