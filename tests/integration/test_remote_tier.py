@@ -187,6 +187,32 @@ async def test_redis_layout_setrange_and_half_entries(valkey: ServerProc, key_mo
         r.close()
 
 
+async def test_redis_expired_entries_and_halves_are_misses(valkey: ServerProc, key_model: str) -> None:
+    # Users set TTLs on LMCache's keys (EXPIRE by hand, or a key policy): whole entries, or one half, expire.
+    r = redis.Redis(port=valkey.port)
+    tier = await open_tier(f"redis://127.0.0.1:{valkey.port}")
+    try:
+        keys = [key(key_model, i) for i in range(4)]
+        assert await tier.put_many(keys, [chunk(i) for i in range(4)]) == 4
+        s = [k.to_string() for k in keys]
+        r.pexpire(s[0] + "kv_bytes", 50)
+        r.pexpire(s[0] + "metadata", 50)  # the whole entry
+        r.pexpire(s[1] + "kv_bytes", 50)  # its payload only
+        r.pexpire(s[2] + "metadata", 50)  # its header only
+        with anyio.fail_after(10):
+            while r.exists(s[0] + "kv_bytes", s[0] + "metadata", s[1] + "kv_bytes", s[2] + "metadata"):
+                await anyio.sleep(0.02)
+        got = await tier.get_many(keys)
+        assert got[:3] == [None, None, None]
+        assert got[3] is not None and torch.equal(got[3].tensor, chunk_tensor(3))
+        release_all(got)
+        assert await tier.contains_many(keys) == [False, False, False, True]
+        assert r.exists(s[1] + "metadata", s[2] + "kv_bytes") == 0  # the halves left were cleaned up
+    finally:
+        await tier.aclose()
+        r.close()
+
+
 async def test_redis_mixed_batch_half_entries_anywhere(valkey: ServerProc, key_model: str) -> None:
     """A batch read asks for each payload only once the one before it arrives (and only for entries with a
     header): hits stay paired with their own entries whatever the misses and half entries around them, including
