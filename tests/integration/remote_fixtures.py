@@ -67,6 +67,14 @@ async def write_chunks(tier: RemoteTier, model: str, n: int) -> tuple[list[Chunk
     return keys, seeds
 
 
+async def assert_round_trip(tier: RemoteTier, k: ChunkKey, i: int) -> None:
+    """Store chunk ``i`` under ``k`` and read it back bit-identical."""
+    assert await tier.put_many([k], [chunk(i)]) == 1
+    (got,) = await tier.get_many([k])
+    assert got is not None and torch.equal(got.tensor, chunk_tensor(i))
+    got.release()
+
+
 async def read_checked(tier: RemoteTier, keys: list[ChunkKey], seeds: list[int]) -> list[bool]:
     """Which of ``keys`` hit; every hit must be the KV of its seed (``chunk_tensor(seed)``), else the test fails."""
     got = await tier.get_many(keys)

@@ -11,7 +11,7 @@ from pathlib import Path
 import anyio
 import pytest
 import torch
-from remote_fixtures import chunk, chunk_tensor, key, open_tier, release_all
+from remote_fixtures import assert_round_trip, chunk, chunk_tensor, key, open_tier, release_all
 from servers import LmServerProc, free_port, lm_server
 
 from kvpipe.connectors.lm import LmConnector
@@ -145,11 +145,7 @@ async def test_the_installed_lmcache_server_command_serves(tmp_path: Path, key_m
     server = LmServerProc([str(script), "127.0.0.1", str(port), "cpu"], port, d, "lmcache_server").start()
     tier = await open_tier(f"lm://127.0.0.1:{port}")
     try:
-        k = key(key_model, 0)
-        assert await tier.put_many([k], [chunk(0)]) == 1
-        (got,) = await tier.get_many([k])
-        assert got is not None and torch.equal(got.tensor, chunk_tensor(0))
-        got.release()
+        await assert_round_trip(tier, key(key_model, 0), 0)
     finally:
         await tier.aclose()
         server.stop()

@@ -12,7 +12,17 @@ import pytest
 import redis
 import redis.cluster
 import torch
-from remote_fixtures import SHAPE, chunk, chunk_tensor, key, make_ctx, open_tier, release_all, url_for
+from remote_fixtures import (
+    SHAPE,
+    assert_round_trip,
+    chunk,
+    chunk_tensor,
+    key,
+    make_ctx,
+    open_tier,
+    release_all,
+    url_for,
+)
 from servers import ServerProc, ValkeyCluster, valkey_server
 
 from kvpipe.connectors.plugin import connector_for_url
@@ -296,11 +306,7 @@ async def test_unix_socket_and_valkey_scheme(tmp_path: Path, key_model: str) -> 
         for url in (f"unix://{sock}", f"valkey://127.0.0.1:{srv.port}/0"):
             tier = await open_tier(url)
             try:
-                k = key(key_model, len(url))
-                assert await tier.put_many([k], [chunk(1)]) == 1
-                (got,) = await tier.get_many([k])
-                assert got is not None and torch.equal(got.tensor, chunk_tensor(1))
-                got.release()
+                await assert_round_trip(tier, key(key_model, len(url)), 1)
             finally:
                 await tier.aclose()
     finally:
