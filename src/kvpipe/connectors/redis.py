@@ -33,14 +33,9 @@ it has) answers a miss for an entry it has not received; what it returns is vali
 key fingerprint, checksum), and entries are content-addressed, so an old copy is still the right KV. Orphans
 and corrupt entries found on a replica are deleted on the master.
 
-Cluster masters fail one at a time: a master whose connection is refused, reset or garbled is left out for a
-second (its slots' entries are misses and stores to them are dropped, at once), while the other masters keep
-serving and the tier stays up; the slot map is re-read every half second meanwhile, so a promoted replica is used as
-soon as the cluster lists it. Halves of entries whose other half is on a master left out are not taken for orphans.
-Only when no master answers is the remote down for the tier. (A master that hangs rather than failing lets the
-tier's deadline pass: that call fails as a whole and the tier goes down, as for any remote.) With the default
-``cluster-require-full-coverage yes`` the other masters themselves refuse every key (``CLUSTERDOWN``) once the
-cluster marks the master failed, until a replica takes over; a cache cluster usually sets it to ``no``.
+Cluster masters fail one at a time (see :mod:`kvpipe.connectors.redis_cluster`): a master that cannot be reached
+costs only its own slots while the others keep serving; halves of entries whose other half is on a master left out
+are not taken for orphans; only when no master answers is the remote down for the tier.
 
 Cluster reads from replicas (``redis-cluster://...?read_from_replicas=true``): ``GET``/``EXISTS`` of a key go to
 a replica of its slot (round robin; the connection sends ``READONLY``), from the replicas ``CLUSTER SLOTS`` lists,
@@ -66,6 +61,7 @@ import attrs
 from redis.crc import key_slot
 
 from kvpipe.connectors.base import Entry, GetResult, ReadInto, aiter_of
+from kvpipe.connectors.redis_cluster import ClusterMap, parse_cluster_slots
 from kvpipe.connectors.redis_replicas import ReplicaChooser, healthy_replicas
 from kvpipe.connectors.redis_url import Addr, parse_redis_url
 from kvpipe.connectors.resp import RespError, encode_command, read_bulk_into, read_reply
@@ -90,11 +86,6 @@ T = TypeVar("T")
 # most a refresh may take (Sentinels that do not answer must not hold up reads that a replica could serve).
 _REPLICA_REFRESH_S = 5.0
 _REFRESH_BUDGET_S = 0.5
-# Cluster: a master that cannot be reached (refused, reset) is left out this long: its slots' entries are misses
-# and stores to them are dropped, at once, while the other masters keep serving; the slot map is re-read this often
-# meanwhile, so the replica promoted in its place is used as soon as the cluster lists it.
-_NODE_DOWN_S = 1.0
-_DOWN_MAP_REFRESH_S = 0.5
 
 
 class _NodeDown:
@@ -118,11 +109,6 @@ def _check(reply: Any, what: str) -> Any:
             raise TierUnavailable(f"{what}: {reply.message}")
         raise TierError(f"{what}: {reply.message}")
     return reply
-
-
-def _slot_addr(entry: Any, seed: Addr) -> Addr:
-    """A node of a ``CLUSTER SLOTS`` range (``[host, port, id, ...]``; an empty host is the node asked)."""
-    return Addr(entry[0].decode() if entry[0] else seed.host, int(entry[1]))
 
 
 def _sender(io: SocketIO, bufs: Sequence[Buffer]) -> Callable[[], Awaitable[None]] | None:
@@ -194,11 +180,9 @@ class RedisConnector:
     _replicas: list[Addr] = attrs.field(init=False, factory=list)
     _replicas_expire: float = attrs.field(init=False, default=0.0)
     _chooser: ReplicaChooser = attrs.field(init=False, factory=ReplicaChooser)
-    _slots: list[Addr] | None = attrs.field(init=False, default=None)
-    _slot_replicas: list[tuple[Addr, ...]] = attrs.field(init=False, factory=list)
-    _slots_expire: float = attrs.field(init=False, default=0.0)
-    _down_until: dict[Addr, float] = attrs.field(init=False, factory=dict)
-    _down_logged: set[Addr] = attrs.field(init=False, factory=set)  # warned about, not seen answering since
+    _cluster: ClusterMap = attrs.field(init=False, default=attrs.Factory(
+        lambda self: ClusterMap(self._safe_url, _REPLICA_REFRESH_S if self.read_from_replicas else None),
+        takes_self=True))
     _closed: bool = attrs.field(init=False, default=False)
 
     # -- construction -------------------------------------------------------------------------------------------
@@ -302,33 +286,7 @@ class RedisConnector:
         if self.mode == "sentinel":
             self._master = None
         elif self.mode == "cluster":
-            self._slots_expire = 0.0  # re-read at the next call (the old map stays when no node answers)
-
-    def _node_down(self, node: _Node) -> bool:
-        """Cluster: whether master ``node`` is being left out after a failure."""
-        until = self._down_until.get(node.addr)
-        if until is None:
-            return False
-        if time.monotonic() < until:
-            return True
-        del self._down_until[node.addr]  # try it again
-        return False
-
-    def _node_failed(self, node: _Node, exc: BaseException) -> None:
-        if node.addr not in self._down_logged:  # once per outage, not at every retry
-            self._down_logged.add(node.addr)
-            log.warning("%s: cluster master %s failed (%s); its slots are misses while the other masters keep "
-                        "serving, until it answers again or a replica takes its place", self._safe_url, node.addr,
-                        exc)
-        self._down_until[node.addr] = time.monotonic() + _NODE_DOWN_S
-
-    def _node_answered(self, node: _Node) -> None:
-        if self._down_logged and node.addr in self._down_logged:
-            self._down_logged.discard(node.addr)
-            log.warning("%s: cluster master %s answers again", self._safe_url, node.addr)
-
-    def _all_masters_down(self) -> bool:
-        return self._slots is not None and all(a in self._down_until for a in set(self._slots))
+            self._cluster.stale()
 
     async def _ask_sentinels(self, commands: Sequence[Sequence[str]], accept: Callable[[list[Any]], str | None],
                              what: str) -> list[Any]:
@@ -457,19 +415,13 @@ class RedisConnector:
         return await fn(None)
 
     async def _cluster_slots(self) -> list[Addr]:
-        if self._slots is not None and time.monotonic() < self._slots_expire:
-            return self._slots
-        # Reading from replicas, the map is also re-read every few seconds: replicas join, leave and fail over
-        # without any MOVED reaching this client. With a master left out, every half second: a replica takes its
-        # place without a MOVED either (the dead master's connections are refused, not redirected).
-        if self._down_until:
-            every = _DOWN_MAP_REFRESH_S
-        else:
-            every = _REPLICA_REFRESH_S if self.read_from_replicas else float("inf")
-        self._slots_expire = time.monotonic() + every
+        """The cluster's slot map, re-read when :class:`ClusterMap` says it is due."""
+        cm = self._cluster
+        slots = cm.fresh()
+        if slots is not None:
+            return slots
         errors = []
-        seeds = list(self.addrs) + [a for a in self._nodes if a not in self.addrs]
-        for seed in sorted(seeds, key=lambda a: a in self._down_until):  # the nodes left out last
+        for seed in cm.reading(list(self.addrs) + [a for a in self._nodes if a not in self.addrs]):
             try:
                 async with self._conn(self._node(seed)) as io:
                     await io.send_all(encode_command("CLUSTER", "SLOTS"))
@@ -477,26 +429,14 @@ class RedisConnector:
             except TierError as exc:
                 errors.append(str(exc))
                 continue
-            slots: list[Addr | None] = [None] * 16384
-            replicas: list[tuple[Addr, ...]] = [()] * 16384
-            for rng in reply:
-                start, end, master = rng[0], rng[1], rng[2]
-                addr, reps = _slot_addr(master, seed), tuple(_slot_addr(r, seed) for r in rng[3:])
-                for i in range(start, end + 1):
-                    slots[i] = addr
-                    replicas[i] = reps
-            if any(a is None for a in slots):
+            parsed = parse_cluster_slots(reply, seed)
+            if parsed is None:
                 errors.append(f"{seed}: not every slot is served")
                 continue
-            self._slot_replicas = replicas
-            self._slots = slots  # type: ignore[assignment]
-            for a in [a for a in self._down_until if a not in set(slots)]:
-                del self._down_until[a]  # no longer a master (a replica took over): nothing left to skip
-                self._down_logged.discard(a)
-            return self._slots  # type: ignore[return-value]
-        if self._slots is not None:  # a periodic re-read failed: keep the map we have
+            return cm.install(*parsed)
+        if cm.slots is not None:  # a periodic re-read failed: keep the map we have
             log.debug("%s: cannot re-read the cluster slot map: %s", self._safe_url, "; ".join(errors))
-            return self._slots
+            return cm.slots
         raise TierUnavailable(f"{self._safe_url}: cannot read the cluster slot map: " + "; ".join(errors))
 
     async def _route(self, key: str, used: list[_Node] | None = None) -> _Node:
@@ -508,7 +448,7 @@ class RedisConnector:
             return self._node(await self._sentinel_master())
         slots = await self._cluster_slots()
         slot = key_slot(key.encode())
-        if used is None or (addr := self._chooser.pick(self._slot_replicas[slot])) is None:
+        if used is None or (addr := self._chooser.pick(self._cluster.replicas[slot])) is None:
             return self._node(slots[slot])
         node = self._node(addr, replica=True)
         used.append(node)
@@ -531,7 +471,7 @@ class RedisConnector:
         else:
             for i, (rkey, _) in enumerate(cmds):
                 n = await self._route(rkey, used)
-                if self.mode == "cluster" and not n.replica and self._node_down(n):
+                if self.mode == "cluster" and not n.replica and self._cluster.is_down(n.addr):
                     replies[i] = _NODE_DOWN
                 else:
                     groups[n].append(i)
@@ -548,21 +488,22 @@ class RedisConnector:
                         for i in idxs:
                             replies[i] = await read_reply(io)
                             done += 1
-                    self._node_answered(node)
+                    if self.mode == "cluster":
+                        self._cluster.answered(node.addr)
                 except _NodeUnreachable as exc:
                     if self.mode != "cluster" or node.replica:
                         raise
-                    self._node_failed(node, exc)
+                    self._cluster.failed(node.addr, exc)
                     for i in idxs[done:]:
                         replies[i] = _NODE_DOWN
             return run
 
         await _gather([runner(n, idxs) for n, idxs in groups.items()])
-        if self.mode == "cluster" and replies and all(r is _NODE_DOWN for r in replies) and self._all_masters_down():
+        if self.mode == "cluster" and replies and all(r is _NODE_DOWN for r in replies) and self._cluster.all_down():
             raise TierUnavailable(f"{self._safe_url}: no cluster master answers")
         for r in replies:
             if isinstance(r, RespError) and r.kind in ("MOVED", "ASK"):
-                self._slots = None  # the next call reads the new slot map
+                self._cluster.forget()  # the next call reads the new slot map
             elif isinstance(r, RespError) and r.kind in _UNAVAILABLE:
                 if self.mode == "sentinel" and node is None:
                     self._master = None
@@ -712,7 +653,7 @@ class RedisConnector:
         groups: dict[_Node, list[int]] = defaultdict(list)
         for i in todo:
             n = await self._route(keys[i] + KV_SUFFIX, used)
-            if n.replica or not self._node_down(n):  # a master left out: a miss, not a header without payload
+            if n.replica or not self._cluster.is_down(n.addr):  # left out: a miss, not a header without payload
                 groups[n].append(i)
 
         def runner(node: _Node, idxs: list[int]) -> Callable[[], Coroutine[Any, Any, None]]:
@@ -722,7 +663,7 @@ class RedisConnector:
                 except _NodeUnreachable as exc:
                     if node.replica:
                         raise
-                    self._node_failed(node, exc)  # the entries not read yet are misses
+                    self._cluster.failed(node.addr, exc)  # the entries not read yet are misses
             return run
 
         async def read_node(node: _Node, idxs: list[int]) -> None:
@@ -739,7 +680,7 @@ class RedisConnector:
                     res = await read_bulk_into(io, target, digest, _sender(io, nxt))
                     if isinstance(res, RespError):
                         if res.kind in ("MOVED", "ASK"):
-                            self._slots = None
+                            self._cluster.forget()
                             continue
                         _check(res, f"GET {keys[i]}{KV_SUFFIX}")
                     n, view = res  # type: ignore[misc]
@@ -851,7 +792,7 @@ class RedisConnector:
         """PING every master (rediscovering the Sentinel master / cluster slots first).
 
         :raises TierUnavailable: when one cannot be reached or is not ready; in a cluster, when none can be
-            reached (the others are left out for a while, see ``_NODE_DOWN_S``) or one is not ready.
+            reached (the others are left out for a while, see ``redis_cluster.NODE_DOWN_S``) or one is not ready.
         """
         masters = await self._masters()
         unreachable: list[str] = []
@@ -863,7 +804,7 @@ class RedisConnector:
             except _NodeUnreachable as exc:
                 if self.mode != "cluster":
                     raise
-                self._node_failed(node, exc)
+                self._cluster.failed(node.addr, exc)
                 unreachable.append(str(exc))
         if len(unreachable) == len(masters):
             raise TierUnavailable(f"{self._safe_url}: no cluster master answers: " + "; ".join(unreachable))
@@ -874,9 +815,7 @@ class RedisConnector:
             node.pool.reset()
         self._master = None
         self._replicas_expire = 0.0
-        self._slots = None
-        self._down_until.clear()
-        self._down_logged.clear()
+        self._cluster.reset()
 
     async def aclose(self) -> None:
         """Close every connection; idempotent."""
