@@ -50,7 +50,6 @@ from __future__ import annotations
 import logging
 import ssl
 import sys
-import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
@@ -62,9 +61,10 @@ from redis.crc import key_slot
 
 from kvpipe.connectors.base import Entry, GetResult, ReadInto, aiter_of
 from kvpipe.connectors.redis_cluster import ClusterMap, parse_cluster_slots
-from kvpipe.connectors.redis_replicas import ReplicaChooser, healthy_replicas
+from kvpipe.connectors.redis_replicas import ReplicaChooser
+from kvpipe.connectors.redis_sentinel import REPLICA_REFRESH_S, SentinelView
 from kvpipe.connectors.redis_url import Addr, parse_redis_url
-from kvpipe.connectors.resp import RespError, encode_command, read_bulk_into, read_reply
+from kvpipe.connectors.resp import UNAVAILABLE_KINDS, RespError, check_reply, encode_command, read_bulk_into, read_reply
 from kvpipe.connectors.sockio import Buffer, ConnectionPool, SocketIO, connect_tcp, connect_unix
 from kvpipe.errors import ProtocolError, TierError, TierUnavailable
 from kvpipe.serde.entry import payload_digest
@@ -80,12 +80,9 @@ KV_SUFFIX = "kv_bytes"
 META_SUFFIX = "metadata"
 _EMPTY = memoryview(b"")
 # Error replies that mean "this node cannot serve now" (failover, loading, cluster reconfiguring).
-_UNAVAILABLE = {"READONLY", "LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "NOREPLICAS", "BUSY"}
 T = TypeVar("T")
 # Sentinel replica reads: how often the replica list is re-read, how long a failed replica is left out, and the
 # most a refresh may take (Sentinels that do not answer must not hold up reads that a replica could serve).
-_REPLICA_REFRESH_S = 5.0
-_REFRESH_BUDGET_S = 0.5
 
 
 class _NodeDown:
@@ -100,15 +97,6 @@ _NODE_DOWN = _NodeDown()
 
 class _NodeUnreachable(TierUnavailable):
     """A node's connection failed (refused, reset, closed, garbled): the node, not the request, is the problem."""
-
-
-def _check(reply: Any, what: str) -> Any:
-    """Raise for an error reply: unavailable-kind errors as :class:`TierUnavailable`, others as TierError."""
-    if isinstance(reply, RespError):
-        if reply.kind in _UNAVAILABLE:
-            raise TierUnavailable(f"{what}: {reply.message}")
-        raise TierError(f"{what}: {reply.message}")
-    return reply
 
 
 def _sender(io: SocketIO, bufs: Sequence[Buffer]) -> Callable[[], Awaitable[None]] | None:
@@ -176,12 +164,12 @@ class RedisConnector:
     read_from_replicas: bool = False
     _nodes: dict[Addr, _Node] = attrs.field(init=False, factory=dict)
     _replica_nodes: dict[Addr, _Node] = attrs.field(init=False, factory=dict)
-    _master: Addr | None = attrs.field(init=False, default=None)
-    _replicas: list[Addr] = attrs.field(init=False, factory=list)
-    _replicas_expire: float = attrs.field(init=False, default=0.0)
+    _sentinel: SentinelView = attrs.field(init=False, default=attrs.Factory(
+        lambda self: SentinelView(self._safe_url, self.addrs, self.master_name, self._open, self.sentinel_password,
+                                  self.read_from_replicas), takes_self=True))
     _chooser: ReplicaChooser = attrs.field(init=False, factory=ReplicaChooser)
     _cluster: ClusterMap = attrs.field(init=False, default=attrs.Factory(
-        lambda self: ClusterMap(self._safe_url, _REPLICA_REFRESH_S if self.read_from_replicas else None),
+        lambda self: ClusterMap(self._safe_url, REPLICA_REFRESH_S if self.read_from_replicas else None),
         takes_self=True))
     _closed: bool = attrs.field(init=False, default=False)
 
@@ -249,9 +237,9 @@ class RedisConnector:
             return
         await io.send_all(cmds)
         for _ in range(n):
-            reply = _check(await read_reply(io), f"{self._safe_url} connection setup")
+            reply = check_reply(await read_reply(io), f"{self._safe_url} connection setup")
         if check_role and not (isinstance(reply, list) and reply and reply[0] == b"master"):
-            self._master = None
+            self._sentinel.forget_master()
             raise TierUnavailable(f"{self._safe_url}: node is not the master of {self.master_name!r} (failover?)")
 
     def _node(self, addr: Addr, replica: bool = False) -> _Node:
@@ -284,92 +272,15 @@ class RedisConnector:
         if node.replica:  # left out by _replicas_failed; the master state is not in question
             return
         if self.mode == "sentinel":
-            self._master = None
+            self._sentinel.forget_master()
         elif self.mode == "cluster":
             self._cluster.stale()
-
-    async def _ask_sentinels(self, commands: Sequence[Sequence[str]], accept: Callable[[list[Any]], str | None],
-                             what: str) -> list[Any]:
-        """The replies to ``commands`` of the first Sentinel whose replies ``accept`` takes (it returns ``None``,
-        or why not).
-
-        :raises TierUnavailable: ``what`` and every Sentinel's reason, when none gives acceptable replies.
-        """
-        errors = []
-        for s in self.addrs:
-            try:
-                io = await self._open(s)
-            except (OSError, TierError) as exc:
-                errors.append(f"{s}: {exc}")
-                continue
-            try:
-                cmds: list[Buffer] = []
-                if self.sentinel_password:
-                    cmds += encode_command("AUTH", self.sentinel_password)
-                for c in commands:
-                    cmds += encode_command(*c)
-                await io.send_all(cmds)
-                if self.sentinel_password:
-                    _check(await read_reply(io), f"sentinel {s} AUTH")
-                replies = [await read_reply(io) for _ in commands]
-            except (OSError, ProtocolError, TierError) as exc:
-                errors.append(f"{s}: {exc}")
-                continue
-            finally:
-                io.close()
-            why = accept(replies)
-            if why is None:
-                return replies
-            errors.append(f"{s}: {why}")
-        raise TierUnavailable(f"{self._safe_url}: {what}: " + "; ".join(errors))
-
-    async def _sentinel_master(self) -> Addr:
-        if self._master is not None:
-            return self._master
-
-        def accept(replies: list[Any]) -> str | None:
-            r = replies[0]
-            if isinstance(r, list) and len(r) == 2 and all(isinstance(x, bytes) for x in r):
-                return None
-            return f"no master named {self.master_name!r} ({r!r})"
-
-        cmds = [("SENTINEL", "get-master-addr-by-name", self.master_name)]
-        if self.read_from_replicas:
-            cmds.append(("SENTINEL", "replicas", self.master_name))
-        replies = await self._ask_sentinels(cmds, accept, f"no sentinel knows master {self.master_name!r}")
-        host, port = replies[0]
-        self._master = Addr(host.decode(), int(port))
-        log.debug("sentinel: master %r is %s", self.master_name, self._master)
-        if self.read_from_replicas:
-            self._set_replicas(replies[1])
-        return self._master
-
-    def _set_replicas(self, reply: Any) -> None:
-        self._replicas = [a for a in healthy_replicas(reply) if a != self._master]
-        self._replicas_expire = time.monotonic() + _REPLICA_REFRESH_S
-        log.debug("sentinel: replicas of %r to read from: %s", self.master_name, ", ".join(map(str, self._replicas)))
-
-    async def _refresh_replicas(self) -> None:
-        """Re-read the replica list (briefly: on failure the old list stays, and the next refresh is later)."""
-        self._replicas_expire = time.monotonic() + _REPLICA_REFRESH_S
-        with anyio.move_on_after(_REFRESH_BUDGET_S):
-            try:
-                (reply,) = await self._ask_sentinels([("SENTINEL", "replicas", self.master_name)],
-                                                     lambda r: None if isinstance(r[0], list) else repr(r[0]),
-                                                     "replica list")
-            except TierUnavailable as exc:
-                log.debug("sentinel: cannot refresh the replicas of %r: %s", self.master_name, exc)
-                return
-            self._set_replicas(reply)
 
     async def _read_replica(self) -> _Node | None:
         """The replica the next read goes to, or ``None`` for the master (no replica reads, or none usable)."""
         if self.mode != "sentinel" or not self.read_from_replicas:
             return None
-        await self._sentinel_master()
-        if time.monotonic() >= self._replicas_expire:
-            await self._refresh_replicas()
-        addr = self._chooser.pick(self._replicas)
+        addr = self._chooser.pick(await self._sentinel.replicas())
         return None if addr is None else self._node(addr, replica=True)
 
     async def _replica_read(self, fn: Callable[[list[_Node]], Awaitable[T]]) -> tuple[bool, T | None]:
@@ -425,7 +336,7 @@ class RedisConnector:
             try:
                 async with self._conn(self._node(seed)) as io:
                     await io.send_all(encode_command("CLUSTER", "SLOTS"))
-                    reply = _check(await read_reply(io), "CLUSTER SLOTS")
+                    reply = check_reply(await read_reply(io), "CLUSTER SLOTS")
             except TierError as exc:
                 errors.append(str(exc))
                 continue
@@ -445,7 +356,7 @@ class RedisConnector:
         if self.mode == "single":
             return self._node(self.addrs[0])
         if self.mode == "sentinel":
-            return self._node(await self._sentinel_master())
+            return self._node(await self._sentinel.master())
         slots = await self._cluster_slots()
         slot = key_slot(key.encode())
         if used is None or (addr := self._chooser.pick(self._cluster.replicas[slot])) is None:
@@ -504,9 +415,9 @@ class RedisConnector:
         for r in replies:
             if isinstance(r, RespError) and r.kind in ("MOVED", "ASK"):
                 self._cluster.forget()  # the next call reads the new slot map
-            elif isinstance(r, RespError) and r.kind in _UNAVAILABLE:
+            elif isinstance(r, RespError) and r.kind in UNAVAILABLE_KINDS:
                 if self.mode == "sentinel" and node is None:
-                    self._master = None
+                    self._sentinel.forget_master()
                 raise TierUnavailable(f"{self._safe_url}: {r.message}")
         return replies
 
@@ -616,7 +527,7 @@ class RedisConnector:
         bufs += encode_command("GET", keys[first] + KV_SUFFIX)
         async with self._conn(node) as io:
             await io.send_all(bufs)
-            metas = {i: _check(await read_reply(io), f"GET {keys[i]}{META_SUFFIX}") for i in todo}
+            metas = {i: check_reply(await read_reply(io), f"GET {keys[i]}{META_SUFFIX}") for i in todo}
             fetch = [first] + [i for i in todo[1:] if isinstance(metas[i], bytes)]
             probe = [i for i in todo[1:] if metas[i] is None]
             probe_cmds = [b for i in probe for b in encode_command("EXISTS", keys[i] + KV_SUFFIX)]
@@ -631,7 +542,7 @@ class RedisConnector:
 
                 nxt = encode_command("GET", keys[fetch[j + 1]] + KV_SUFFIX) if j + 1 < len(fetch) else probe_cmds
                 digest = payload_digest()
-                res = _check(await read_bulk_into(io, target, digest, _sender(io, nxt)), f"GET {k}{KV_SUFFIX}")
+                res = check_reply(await read_bulk_into(io, target, digest, _sender(io, nxt)), f"GET {k}{KV_SUFFIX}")
                 n, view = res
                 done.add(i)
                 if meta is None and n < 0:
@@ -641,7 +552,7 @@ class RedisConnector:
                     continue
                 out[i] = (meta, view, digest.intdigest()) if view is not None else (meta, _EMPTY)
             for i in probe:
-                if _check(await read_reply(io), f"EXISTS {keys[i]}{KV_SUFFIX}") == 1:
+                if check_reply(await read_reply(io), f"EXISTS {keys[i]}{KV_SUFFIX}") == 1:
                     orphans.append(keys[i])  # a payload without header
                 done.add(i)
 
@@ -682,7 +593,7 @@ class RedisConnector:
                         if res.kind in ("MOVED", "ASK"):
                             self._cluster.forget()
                             continue
-                        _check(res, f"GET {keys[i]}{KV_SUFFIX}")
+                        check_reply(res, f"GET {keys[i]}{KV_SUFFIX}")
                     n, view = res  # type: ignore[misc]
                     if n >= 0:
                         out[i] = (meta, view, digest.intdigest()) if view is not None else (meta, _EMPTY)
@@ -740,9 +651,9 @@ class RedisConnector:
                     continue
                 errs = [r for r in replies if isinstance(r, RespError)]
                 for e in errs:
-                    if e.kind in _UNAVAILABLE:
+                    if e.kind in UNAVAILABLE_KINDS:
                         if self.mode == "sentinel":
-                            self._master = None
+                            self._sentinel.forget_master()
                         raise TierUnavailable(f"{self._safe_url}: SET {k}: {e.message}")
                 log.debug("SET %s not stored: %s", k, errs or ex)
         return stored
@@ -767,7 +678,7 @@ class RedisConnector:
                 while True:
                     await io.send_all(encode_command("SCAN", cursor, "MATCH", pattern + META_SUFFIX,
                                                      "COUNT", 1000))
-                    reply = _check(await read_reply(io), "SCAN")
+                    reply = check_reply(await read_reply(io), "SCAN")
                     cursor, batch = reply[0], reply[1]
                     found += [b.decode(errors="replace")[: -len(META_SUFFIX)] for b in batch]
                     if cursor == b"0":
@@ -800,7 +711,7 @@ class RedisConnector:
             try:
                 async with self._conn(node) as io:
                     await io.send_all(encode_command("PING"))
-                    _check(await read_reply(io), f"PING {node.addr}")
+                    check_reply(await read_reply(io), f"PING {node.addr}")
             except _NodeUnreachable as exc:
                 if self.mode != "cluster":
                     raise
@@ -813,8 +724,7 @@ class RedisConnector:
         """Forget connections, master address and slot map (the tier calls this when it marks the remote down)."""
         for node in [*self._nodes.values(), *self._replica_nodes.values()]:
             node.pool.reset()
-        self._master = None
-        self._replicas_expire = 0.0
+        self._sentinel.forget()
         self._cluster.reset()
 
     async def aclose(self) -> None:

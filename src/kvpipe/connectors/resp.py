@@ -14,13 +14,17 @@ from typing import Any
 import attrs
 
 from kvpipe.connectors.sockio import Buffer, Digest, SocketIO
-from kvpipe.errors import ProtocolError
+from kvpipe.errors import ProtocolError, TierError, TierUnavailable
 
-__all__ = ["BulkTarget", "RespError", "encode_command", "read_bulk_into", "read_reply"]
+__all__ = ["UNAVAILABLE_KINDS", "BulkTarget", "RespError", "check_reply", "encode_command", "read_bulk_into",
+           "read_reply"]
 
 # Arguments larger than this are sent as their own buffer instead of being copied into the command header.
 _INLINE_MAX = 16 << 10
 _MAX_LINE = 1 << 20
+# Error replies that say the server cannot serve now (a failover, a load, a cluster change), not that the request
+# is wrong: the tier treats them as the remote being down.
+UNAVAILABLE_KINDS = frozenset({"READONLY", "LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "NOREPLICAS", "BUSY"})
 
 # ``target(length) -> buffer of at least ``length`` bytes to receive into, or None to discard``.
 BulkTarget = Callable[[int], "memoryview | None"]
@@ -36,6 +40,16 @@ class RespError:
     def kind(self) -> str:
         """The first word: ``ERR``, ``READONLY``, ``MOVED``, ``OOM``, ..."""
         return self.message.split(" ", 1)[0]
+
+
+def check_reply(reply: Any, what: str) -> Any:
+    """``reply``, or raise for an error reply: :data:`UNAVAILABLE_KINDS` as :class:`TierUnavailable`, others as
+    :class:`TierError` (``what`` names the request)."""
+    if isinstance(reply, RespError):
+        if reply.kind in UNAVAILABLE_KINDS:
+            raise TierUnavailable(f"{what}: {reply.message}")
+        raise TierError(f"{what}: {reply.message}")
+    return reply
 
 
 def encode_command(*args: str | bytes | int | Buffer) -> list[Buffer]:
