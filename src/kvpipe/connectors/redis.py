@@ -339,13 +339,17 @@ class RedisConnector:
                     reply = check_reply(await read_reply(io), "CLUSTER SLOTS")
             except TierError as exc:
                 errors.append(str(exc))
+                if isinstance(exc, _NodeUnreachable) and seed in cm.masters:
+                    cm.failed(seed, exc)  # a master no read had reached yet is found gone here
                 continue
             parsed = parse_cluster_slots(reply, seed)
             if parsed is None:
                 errors.append(f"{seed}: not every slot is served")
                 continue
             return cm.install(*parsed)
-        if cm.slots is not None:  # a periodic re-read failed: keep the map we have
+        if cm.slots is not None:  # a periodic re-read failed: keep the map we have, unless no master is left
+            if cm.all_down():
+                raise TierUnavailable(f"{self._safe_url}: no cluster master answers: " + "; ".join(errors))
             log.debug("%s: cannot re-read the cluster slot map: %s", self._safe_url, "; ".join(errors))
             return cm.slots
         raise TierUnavailable(f"{self._safe_url}: cannot read the cluster slot map: " + "; ".join(errors))

@@ -8,7 +8,8 @@ every ``DOWN_MAP_REFRESH_S`` (a replica takes the master's place without any ``M
 dead master's connections are refused, not redirected); reading from replicas, every ``replica_refresh_s``
 (replicas join, leave and fail over without a ``MOVED`` either); otherwise only after a ``MOVED`` or a failure.
 
-The tier is marked down only when no master answers. A master that hangs rather than failing lets the tier's
+The tier is marked down only when no master answers. A re-read asks every node in turn, so it also finds masters
+gone that no request had reached (the entries in use may all lie on others). A master that hangs rather than failing lets the tier's
 deadline pass: that call fails as a whole and the tier goes down, as for any remote. With the default
 ``cluster-require-full-coverage yes`` the other masters themselves refuse every key (``CLUSTERDOWN``) once the
 cluster marks the master failed, until a replica takes over; a cache cluster usually sets it to ``no``.
@@ -62,6 +63,7 @@ class ClusterMap:
     replica_refresh_s: float | None = None  # reading from replicas: re-read the map this often
     slots: list[Addr] | None = None
     replicas: list[tuple[Addr, ...]] = attrs.field(factory=list)
+    masters: frozenset[Addr] = frozenset()  # those of ``slots``
     _expire: float = 0.0
     _down_until: dict[Addr, float] = attrs.field(factory=dict)
     _down_logged: set[Addr] = attrs.field(factory=set)  # warned about, not seen answering since
@@ -84,7 +86,7 @@ class ClusterMap:
     def install(self, slots: list[Addr], replicas: list[tuple[Addr, ...]]) -> list[Addr]:
         """Take a map just read; a master left out that no longer is one (a replica took over) is forgotten."""
         self.slots, self.replicas = slots, replicas
-        masters = set(slots)
+        self.masters = masters = frozenset(slots)
         for a in [a for a in self._down_until if a not in masters]:
             del self._down_until[a]
             self._down_logged.discard(a)
@@ -131,4 +133,4 @@ class ClusterMap:
 
     def all_down(self) -> bool:
         """Whether every master of the map is left out."""
-        return self.slots is not None and all(a in self._down_until for a in set(self.slots))
+        return self.slots is not None and all(a in self._down_until for a in self.masters)
