@@ -9,10 +9,10 @@ dead master's connections are refused, not redirected); reading from replicas, e
 (replicas join, leave and fail over without a ``MOVED`` either); otherwise only after a ``MOVED`` or a failure.
 
 The tier is marked down only when no master answers. A re-read asks every node in turn, so it also finds masters
-gone that no request had reached (the entries in use may all lie on others). A master that hangs rather than failing lets the tier's
-deadline pass: that call fails as a whole and the tier goes down, as for any remote. With the default
-``cluster-require-full-coverage yes`` the other masters themselves refuse every key (``CLUSTERDOWN``) once the
-cluster marks the master failed, until a replica takes over; a cache cluster usually sets it to ``no``.
+gone that no request had reached (the entries in use may all lie on others). A master that hangs rather than
+failing lets the tier's deadline pass: that call fails as a whole and the tier goes down, as for any remote. With
+the default ``cluster-require-full-coverage yes`` the other masters themselves refuse every key (``CLUSTERDOWN``)
+once the cluster marks the master failed, until a replica takes over; a cache cluster usually sets it to ``no``.
 """
 
 from __future__ import annotations
