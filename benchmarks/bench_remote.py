@@ -194,6 +194,39 @@ class RawResp:
             self._bulk(d)
 
 
+class FreshChunks:
+    """Chunks for the tiers' PUTs as the store pipeline hands them over: pool regions holding the chunk's bytes,
+    each PUT getting fresh ``MemoryObj`` objects (no checksum memoized yet) over them.
+
+    Not ``MemoryObj.detached(tensor)``: no product path writes detached tensors behind, and theirs make torch calls
+    per PUT (``byte_view``, ``shape``, ``dtype``) that a pool region does not. The bytes are copied in once, at
+    set-up (the gather is not the PUT's cost): allocating the same shapes from this otherwise empty pool returns
+    the same regions (first fit, never zeroed), which :meth:`take` checks.
+    """
+
+    def __init__(self, kv: torch.Tensor, n: int) -> None:
+        self.shape, self.tokens = tuple(kv.shape), kv.shape[2]
+        nbytes = kv.numel() * kv.element_size()
+        self.pool = create_pool(n * (nbytes + MiB))
+        objs = [self._alloc() for _ in range(n)]
+        src = memoryview(kv.contiguous().view(-1).view(torch.uint8).numpy())
+        for o in objs:
+            o.byte_view[:] = src
+        self.offsets = [o.offset for o in objs]
+        for o in objs:
+            o.release()
+
+    def _alloc(self) -> MemoryObj:
+        o = self.pool.allocate(self.shape, torch.float32, self.tokens)
+        assert o is not None
+        return o
+
+    def take(self) -> list[MemoryObj]:
+        objs = [self._alloc() for _ in self.offsets]
+        assert [o.offset for o in objs] == self.offsets, "the source regions moved"
+        return objs
+
+
 def _summary(samples: list[tuple[float, float]], nbytes: int) -> dict[str, float]:
     s = sorted(w for w, _ in samples)
     med = statistics.median(s)
@@ -218,7 +251,6 @@ async def _bench_batches(batch: int, size: int, iters: int, kv: torch.Tensor, da
     """Batches of ``batch`` chunks, as the store and retrieve pipelines hand them to a tier: ``get_many`` /
     ``put_many`` of ``batch`` keys vs the raw clients moving the same chunks one at a time and pipelined (every
     request sent before the first reply is read); ratios are taken against the faster raw way."""
-    numel = kv.numel()
     prefix = KeyPrefix("bench", f"batch{size}", 1, 0, "float32")
     keys = [prefix.key(f"{i:064x}") for i in range(batch)]
     rkeys = [b"bench-raw-batch-%d-%d" % (size, i) for i in range(batch)]
@@ -240,9 +272,15 @@ async def _bench_batches(batch: int, size: int, iters: int, kv: torch.Tensor, da
         for g in got:
             g.release()  # type: ignore[union-attr]
 
+    chunks = FreshChunks(kv, batch)
+
     async def tier_put(t: RemoteTier) -> None:
-        objs = [MemoryObj.detached(kv, numel // 2) for _ in keys]
-        assert await t.put_many(keys, objs) == batch
+        objs = chunks.take()
+        try:
+            assert await t.put_many(keys, objs) == batch
+        finally:
+            for o in objs:
+                o.release()
 
     def raw_seq(op: Callable[[bytes, memoryview], None], bufs: list[memoryview]) -> None:
         for k, b in zip(rkeys, bufs, strict=True):
@@ -327,11 +365,16 @@ async def bench_size(size: int, iters: int, warmup: int, redis_port: int, lm_url
     region = ctx.pool.allocate((size,), torch.uint8, 0)
     assert region is not None
 
+    chunks = FreshChunks(kv, 1)
+
     async def tier_put(t: RemoteTier, known: bool = False) -> None:
-        o = MemoryObj.detached(kv, numel // 2)
-        if known:
-            o.set_checksum(known_value)
-        assert await t.put_many([k], [o]) == 1
+        (o,) = chunks.take()
+        try:
+            if known:
+                o.set_checksum(known_value)
+            assert await t.put_many([k], [o]) == 1
+        finally:
+            o.release()
 
     def gather(then_hash: bool) -> None:  # what hashing a chunk right after copying it in would cost
         region.byte_view[:] = data
