@@ -8,6 +8,7 @@ makes them hit, and a half left behind is cleaned up when read."""
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Iterator
 
@@ -141,5 +142,44 @@ async def test_every_master_dead_marks_the_tier_down_until_they_return(cache_clu
             await anyio.sleep(0.2)
         assert all(await read_checked(tier, keys, seeds))
         assert tier.statistics().extra["down_events"] >= 1
+    finally:
+        await tier.aclose()
+
+
+async def test_a_hung_master_takes_only_its_slots(cache_cluster: ValkeyCluster, key_model: str,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """A master that stops answering (SIGSTOP: its connections stay open, nothing comes back, as with a host gone
+    without a reset) fails alone when its share of the call's deadline is up: the entries on the other masters
+    hit in that same call, the tier stays up, and later calls leave the hung master out for a while instead of
+    waiting on it again. Once it answers again (SIGCONT: its data is intact), its entries hit again."""
+    c = cache_cluster
+    tier = await open_tier(c.url, make_ctx(timeout=2.0))
+    try:
+        keys, seeds = await write_chunks(tier, key_model, 30)
+        owners = slot_owners(c)
+        victim = max(c.master_ports(), key=lambda p: sum(p in masters_of(k, owners) for k in keys))
+        on_victim = {i for i, k in enumerate(keys) if victim in masters_of(k, owners)}
+        elsewhere = [i for i in range(30) if i not in on_victim]
+        assert on_victim and elsewhere
+        proc = c.node(victim).proc
+        assert proc is not None
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            for _ in range(4):  # the first call waits out the victim's share; the next ones leave it out
+                hits = await read_checked(tier, keys, seeds)
+                assert [i for i in range(30) if hits[i]] == elsewhere
+                assert tier.available
+            s = tier.statistics().extra
+            assert s["down_events"] == 0 and s["timeouts"] == 0
+            assert caplog.text.count(f"cluster master 127.0.0.1:{victim} failed") == 1
+            assert "no answer within" in caplog.text
+        finally:
+            proc.send_signal(signal.SIGCONT)
+        # Left out for a while (5 s after a first hang), then tried again: it answers, with its data.
+        deadline = time.monotonic() + 20
+        while not all(await read_checked(tier, keys, seeds)):
+            assert time.monotonic() < deadline, "the master's entries did not hit again after it resumed"
+            await anyio.sleep(0.2)
+        assert tier.available and tier.statistics().extra["down_events"] == 0
     finally:
         await tier.aclose()

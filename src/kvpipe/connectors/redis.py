@@ -60,7 +60,7 @@ import attrs
 from redis.crc import key_slot
 
 from kvpipe.connectors.base import Entry, GetResult, ReadInto, aiter_of
-from kvpipe.connectors.redis_cluster import ClusterMap, parse_cluster_slots
+from kvpipe.connectors.redis_cluster import NODE_SHARE, ClusterMap, NodeHung, parse_cluster_slots
 from kvpipe.connectors.redis_replicas import ReplicaChooser
 from kvpipe.connectors.redis_sentinel import REPLICA_REFRESH_S, SentinelView
 from kvpipe.connectors.redis_url import Addr, parse_redis_url
@@ -97,6 +97,10 @@ _NODE_DOWN = _NodeDown()
 
 class _NodeUnreachable(TierUnavailable):
     """A node's connection failed (refused, reset, closed, garbled): the node, not the request, is the problem."""
+
+
+class _NodeHung(_NodeUnreachable, NodeHung):
+    """A cluster node did not answer within its share of the call's deadline."""
 
 
 def _sender(io: SocketIO, bufs: Sequence[Buffer]) -> Callable[[], Awaitable[None]] | None:
@@ -256,15 +260,29 @@ class RedisConnector:
 
     @asynccontextmanager
     async def _conn(self, node: _Node) -> AsyncIterator[SocketIO]:
+        """A connection to ``node`` for one exchange. In a cluster the exchange gets ``NODE_SHARE`` of the time
+        left before the call's deadline: a node that hangs (stopped, a host gone without a reset) then fails
+        alone, as ``_NodeHung``, and the other nodes' answers still count, where it would have used up the whole
+        call's deadline and taken the tier down."""
+        budget = None
+        if self.mode == "cluster":
+            left = anyio.current_effective_deadline() - anyio.current_time()
+            if left != float("inf"):
+                budget = max(left, 0.0) * NODE_SHARE
         try:
-            async with node.pool.acquire() as io:
-                yield io
+            with anyio.CancelScope(deadline=anyio.current_time() + budget if budget is not None else float("inf")
+                                   ) as scope:
+                async with node.pool.acquire() as io:
+                    yield io
         except (OSError, ProtocolError) as exc:
             self._forget(node)
             raise _NodeUnreachable(f"{self._safe_url} ({node.addr}): {exc}") from exc
         except TierUnavailable:
             self._forget(node)
             raise
+        if scope.cancelled_caught:
+            self._forget(node)
+            raise _NodeHung(f"{self._safe_url} ({node.addr}): no answer within {budget:.3g} s")
 
     def _forget(self, node: _Node) -> None:
         """After a failure: drop the node's idle connections, and the master address / slot map that led to it."""

@@ -9,10 +9,12 @@ dead master's connections are refused, not redirected); reading from replicas, e
 (replicas join, leave and fail over without a ``MOVED`` either); otherwise only after a ``MOVED`` or a failure.
 
 The tier is marked down only when no master answers. A re-read asks every node in turn, so it also finds masters
-gone that no request had reached (the entries in use may all lie on others). A master that hangs rather than
-failing lets the tier's deadline pass: that call fails as a whole and the tier goes down, as for any remote. With
-the default ``cluster-require-full-coverage yes`` the other masters themselves refuse every key (``CLUSTERDOWN``)
-once the cluster marks the master failed, until a replica takes over; a cache cluster usually sets it to ``no``.
+gone that no request had reached (the entries in use may all lie on others). A node that hangs (stopped, or a host
+gone without a reset) gets ``NODE_SHARE`` of the time left before a call's deadline: past it, that node fails
+alone and is left out for ``HUNG_DOWN_S`` (doubling while it keeps hanging), and the call returns what the other
+nodes answered. With the default ``cluster-require-full-coverage yes`` the other masters themselves refuse every
+key (``CLUSTERDOWN``) once the cluster marks the master failed, until a replica takes over; a cache cluster usually
+sets it to ``no``.
 """
 
 from __future__ import annotations
@@ -25,13 +27,25 @@ import attrs
 
 from kvpipe.connectors.redis_url import Addr
 
-__all__ = ["DOWN_MAP_REFRESH_S", "NODE_DOWN_S", "ClusterMap", "parse_cluster_slots"]
+__all__ = ["DOWN_MAP_REFRESH_S", "HUNG_DOWN_MAX_S", "HUNG_DOWN_S", "NODE_DOWN_S", "NODE_SHARE", "ClusterMap",
+           "NodeHung", "parse_cluster_slots"]
 
 log = logging.getLogger(__name__)
 
 NODE_DOWN_S = 1.0
+# A node that hung (gave no answer within its share of a call's deadline) costs that long to every call that
+# tries it, so it is left out longer: 5 s, doubling for each hang in a row, up to 60 s; an answer ends the streak.
+HUNG_DOWN_S = 5.0
+HUNG_DOWN_MAX_S = 60.0
+# The share of the time left before a call's deadline that one node's exchange may take.
+NODE_SHARE = 0.5
 DOWN_MAP_REFRESH_S = 0.5
 SLOTS = 16384
+
+
+class NodeHung(Exception):
+    """Marks a node failure as a hang (no answer in time), as opposed to a refused or reset connection (mixed
+    into the connector's error; never raised alone)."""
 
 
 def _slot_addr(entry: Any, seed: Addr) -> Addr:
@@ -67,6 +81,7 @@ class ClusterMap:
     _expire: float = 0.0
     _down_until: dict[Addr, float] = attrs.field(factory=dict)
     _down_logged: set[Addr] = attrs.field(factory=set)  # warned about, not seen answering since
+    _hangs: dict[Addr, int] = attrs.field(factory=dict)  # hangs in a row
 
     # -- the map ------------------------------------------------------------------------------------------------
     def fresh(self) -> list[Addr] | None:
@@ -90,6 +105,7 @@ class ClusterMap:
         for a in [a for a in self._down_until if a not in masters]:
             del self._down_until[a]
             self._down_logged.discard(a)
+            self._hangs.pop(a, None)
         return slots
 
     def stale(self) -> None:
@@ -105,6 +121,7 @@ class ClusterMap:
         self.slots = None
         self._down_until.clear()
         self._down_logged.clear()
+        self._hangs.clear()
 
     # -- masters left out ---------------------------------------------------------------------------------------
     def is_down(self, addr: Addr) -> bool:
@@ -123,10 +140,15 @@ class ClusterMap:
             self._down_logged.add(addr)
             log.warning("%s: cluster master %s failed (%s); its slots are misses while the other masters keep "
                         "serving, until it answers again or a replica takes its place", self.url, addr, exc)
-        self._down_until[addr] = time.monotonic() + NODE_DOWN_S
+        period = NODE_DOWN_S
+        if isinstance(exc, NodeHung):
+            n = self._hangs[addr] = self._hangs.get(addr, 0) + 1
+            period = min(HUNG_DOWN_S * 2 ** (n - 1), HUNG_DOWN_MAX_S)
+        self._down_until[addr] = time.monotonic() + period
 
     def answered(self, addr: Addr) -> None:
         """Master ``addr`` answered."""
+        self._hangs.pop(addr, None)
         if self._down_logged and addr in self._down_logged:
             self._down_logged.discard(addr)
             log.warning("%s: cluster master %s answers again", self.url, addr)
