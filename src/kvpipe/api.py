@@ -350,6 +350,12 @@ class KVCache:
         for wb in self._behind:
             await wb.flush()
 
+    async def wait_resident(self) -> None:
+        """Wait until the CPU pool's pages are resident (``local_cpu_prefault`` makes them so in the background
+        at open): call it before timing the first requests. Bound it with ``anyio.move_on_after``."""
+        self._check_open()
+        await anyio.to_thread.run_sync(self.pool.wait_resident, abandon_on_cancel=True)
+
     def statistics(self) -> CacheStats:
         """A snapshot of every tier's and the pipeline's counters."""
         c = self._counters
@@ -509,6 +515,10 @@ class Cache:
     def flush(self) -> None:
         """See :meth:`KVCache.flush`."""
         self._portal.call(self._cache.flush)
+
+    def wait_resident(self, timeout: float | None = None) -> bool:
+        """See :meth:`KVCache.wait_resident`; ``False`` when ``timeout`` seconds passed first."""
+        return self._cache.pool.wait_resident(timeout)
 
     def keys_for(self, tokens: TokensLike) -> list[ChunkKey]:
         """See :meth:`KVCache.keys_for`."""

@@ -28,6 +28,9 @@ async def test_store_lookup_retrieve_round_trip(dtype: torch.dtype) -> None:
     tokens = make_tokens(4 * CHUNK)
     kv = make_kv(4 * CHUNK, dtype=dtype)
     async with kvpipe.open_cache(cfg) as cache:
+        with anyio.fail_after(30):
+            await cache.wait_resident()  # local_cpu_prefault: the pool's pages are faulted in at open
+        assert cache.pool.wait_resident(0)
         assert await cache.lookup(tokens) == 0
         miss = await cache.retrieve(tokens)
         assert miss.num_tokens == 0 and miss.kv is None

@@ -226,11 +226,30 @@ def test_prefault_makes_pages_resident_and_keeps_contents() -> None:
     obj = pool.allocate((1024,), torch.float32, 1)
     assert obj is not None
     obj.tensor.copy_(torch.arange(1024, dtype=torch.float32))
-    for t in threading.enumerate():
-        if t.name == "kvpipe-pool-prefault":
-            t.join()
+    assert pool.wait_resident()
+    assert not any(t.name == "kvpipe-pool-prefault" for t in threading.enumerate())
     assert rss_kb() - before > 200 * 1024  # ~256 MiB became resident
     assert torch.equal(obj.tensor, torch.arange(1024, dtype=torch.float32))
+    assert create_pool(ALIGN).wait_resident(0)  # nothing to wait for without prefault
+
+
+def test_prefault_runs_at_idle_priority() -> None:
+    """The prefault thread takes only idle CPU (SCHED_IDLE): at start-up it must not slow the engine's first
+    requests."""
+    import os
+
+    buf = torch.empty(4 << 20, dtype=torch.uint8)
+    policy: list[int] = []
+
+    def run() -> None:
+        pool_mod._prefault(buf, threading.Event())
+        policy.append(os.sched_getscheduler(0))
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    assert policy == [os.SCHED_IDLE]
+    assert os.sched_getscheduler(0) != os.SCHED_IDLE  # the caller's own thread is untouched
 
 
 def test_byte_view_and_lazy_tensor_are_the_same_memory() -> None:

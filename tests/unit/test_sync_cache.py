@@ -16,6 +16,7 @@ def test_round_trip_and_every_method(tmp_path: Path) -> None:
     tokens, kv = make_tokens(3 * CHUNK + 3), make_kv(3 * CHUNK + 3)
     with kvpipe.Cache(small_config(tmp_path, disk=True)) as cache:
         assert cache.config.chunk_size == CHUNK
+        assert cache.wait_resident(30)  # local_cpu_prefault: the pool's pages are faulted in at open
         assert cache.lookup(tokens) == 0
         assert cache.store(tokens, kv) == 3 * CHUNK
         assert cache.lookup(tokens) == 3 * CHUNK

@@ -54,6 +54,9 @@ def run(args: argparse.Namespace) -> int:
     model_id = args.served_model_name or cfg.model_name
     with contextlib.ExitStack() as stack:
         cache = None if args.no_cache else stack.enter_context(kvpipe.Cache(cfg))
+        if cache is not None:
+            with Spinner("making the CPU pool resident"):  # before the first request, not during it
+                cache.wait_resident()
         lm = CachedLM(model, tokenizer, cache, save_decode_cache=args.save_decode_cache)
         app = create_app(lm, model_id=model_id, cache=cache, max_context=args.max_model_len)
         tiers = "none" if cache is None else ", ".join(
