@@ -111,6 +111,7 @@ def bench_serde(model: Any, tok: Any, cfg: Config, port: int | None, ids: list[i
     plain = CachedLM(model, tok, None)
     for i in range(repeats):
         with kvpipe.Cache(cfg) as cache:  # empty CPU tier: the prefix comes from the remote
+            cache.wait_resident()  # no timing against the pool's background prefault
             res = CachedLM(model, tok, cache).generate(ids, ONE)
             warm.append(res.ttft_s)
             hits, hit_tokens = dict(res.hits_by_tier), res.hit_tokens

@@ -154,6 +154,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # ---------------------------------------------------------------- CPU tier
     async with kvpipe.open_cache(kvpipe.Config(**base)) as cache:
+        await cache.wait_resident()  # no timing against the pool's background prefault
+
         async def store(i: int) -> None:
             assert await cache.store(tokens[i], kv) == T
 
@@ -189,6 +191,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         disk_cfg = kvpipe.Config(**base, local_disk=str(root / "disk"), max_local_disk_size=100.0,
                                  write_queue_size=max(64, 2 * args.chunks))
         async with kvpipe.open_cache(disk_cfg) as cache, kvpipe.open_cache(kvpipe.Config(**base)) as cpu_only:
+            await cache.wait_resident()
+            await cpu_only.wait_resident()
             # store() latency, with and without a disk tier behind, alternately (other tokens than below).
             n_lat = args.warmup + args.latency_reps
             lat_tokens = [[r * 1_000_003 + 500_000_000 + i for i in range(T)] for r in range(n_lat)]
@@ -244,6 +248,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
         # Cold reads: a fresh cache (empty CPU tier); each request's files leave the page cache before its read.
         async with kvpipe.open_cache(disk_cfg) as cache:
+            await cache.wait_resident()
+
             async def drop(i: int) -> None:
                 await anyio.to_thread.run_sync(_drop_page_cache, files[i])
 
