@@ -696,15 +696,17 @@ class RedisConnector:
         found: list[str] = []
         for node in await self._masters():
             cursor = b"0"
-            async with self._conn(node) as io:
-                while True:
+            while True:
+                # One exchange per page: in a cluster each gets its share of what is left of the deadline
+                # (a whole node's scan as one exchange would leave the last masters a sliver of it).
+                async with self._conn(node) as io:
                     await io.send_all(encode_command("SCAN", cursor, "MATCH", pattern + META_SUFFIX,
                                                      "COUNT", 1000))
                     reply = check_reply(await read_reply(io), "SCAN")
-                    cursor, batch = reply[0], reply[1]
-                    found += [b.decode(errors="replace")[: -len(META_SUFFIX)] for b in batch]
-                    if cursor == b"0":
-                        break
+                cursor, batch = reply[0], reply[1]
+                found += [b.decode(errors="replace")[: -len(META_SUFFIX)] for b in batch]
+                if cursor == b"0":
+                    break
         return sorted(set(found))
 
     async def list_keys(self, pattern: str) -> list[str]:
@@ -729,16 +731,21 @@ class RedisConnector:
         """
         masters = await self._masters()
         unreachable: list[str] = []
-        for node in masters:
-            try:
-                async with self._conn(node) as io:
-                    await io.send_all(encode_command("PING"))
-                    check_reply(await read_reply(io), f"PING {node.addr}")
-            except _NodeUnreachable as exc:
-                if self.mode != "cluster":
-                    raise
-                self._cluster.failed(node.addr, exc)
-                unreachable.append(str(exc))
+
+        def pinger(node: _Node) -> Callable[[], Coroutine[Any, Any, None]]:
+            async def run() -> None:
+                try:
+                    async with self._conn(node) as io:
+                        await io.send_all(encode_command("PING"))
+                        check_reply(await read_reply(io), f"PING {node.addr}")
+                except _NodeUnreachable as exc:
+                    if self.mode != "cluster":
+                        raise
+                    self._cluster.failed(node.addr, exc)
+                    unreachable.append(str(exc))
+            return run
+
+        await _gather([pinger(n) for n in masters])  # concurrently: each master gets the same share of the deadline
         if len(unreachable) == len(masters):
             raise TierUnavailable(f"{self._safe_url}: no cluster master answers: " + "; ".join(unreachable))
 
