@@ -79,10 +79,7 @@ log = logging.getLogger(__name__)
 KV_SUFFIX = "kv_bytes"
 META_SUFFIX = "metadata"
 _EMPTY = memoryview(b"")
-# Error replies that mean "this node cannot serve now" (failover, loading, cluster reconfiguring).
 T = TypeVar("T")
-# Sentinel replica reads: how often the replica list is re-read, how long a failed replica is left out, and the
-# most a refresh may take (Sentinels that do not answer must not hold up reads that a replica could serve).
 
 
 class _NodeDown:
