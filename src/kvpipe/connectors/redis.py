@@ -261,14 +261,11 @@ class RedisConnector:
         left before the call's deadline: a node that hangs (stopped, a host gone without a reset) then fails
         alone, as ``_NodeHung``, and the other nodes' answers still count, where it would have used up the whole
         call's deadline and taken the tier down."""
-        budget = None
+        budget = float("inf")  # also when the call has no deadline
         if self.mode == "cluster":
-            left = anyio.current_effective_deadline() - anyio.current_time()
-            if left != float("inf"):
-                budget = max(left, 0.0) * NODE_SHARE
+            budget = max(anyio.current_effective_deadline() - anyio.current_time(), 0.0) * NODE_SHARE
         try:
-            with anyio.CancelScope(deadline=anyio.current_time() + budget if budget is not None else float("inf")
-                                   ) as scope:
+            with anyio.CancelScope(deadline=anyio.current_time() + budget) as scope:
                 async with node.pool.acquire() as io:
                     yield io
         except (OSError, ProtocolError) as exc:
@@ -280,6 +277,21 @@ class RedisConnector:
         if scope.cancelled_caught:
             self._forget(node)
             raise _NodeHung(f"{self._safe_url} ({node.addr}): no answer within {budget:.3g} s")
+
+    async def _node_part(self, node: _Node, part: Callable[[], Awaitable[None]]) -> BaseException | None:
+        """Run ``part``, one node's share of a call. A cluster master that cannot be reached (refused, reset,
+        hung) is left out for a while (:meth:`ClusterMap.failed`) and its error returned: its entries are
+        misses, the other nodes' answers stand. Anywhere else the error propagates: the call fails as a whole."""
+        try:
+            await part()
+        except _NodeUnreachable as exc:
+            if self.mode != "cluster" or node.replica:
+                raise
+            self._cluster.failed(node.addr, exc)
+            return exc
+        if self.mode == "cluster" and not node.replica:
+            self._cluster.answered(node.addr)
+        return None
 
     def _forget(self, node: _Node) -> None:
         """After a failure: drop the node's idle connections, and the master address / slot map that led to it."""
@@ -407,25 +419,19 @@ class RedisConnector:
                     groups[n].append(i)
 
         def runner(node: _Node, idxs: list[int]) -> Callable[[], Coroutine[Any, Any, None]]:
+            async def exchange() -> None:
+                async with self._conn(node) as io:
+                    bufs: list[Buffer] = []
+                    for i in idxs:
+                        bufs += cmds[i][1]
+                    await io.send_all(bufs)
+                    for i in idxs:
+                        replies[i] = await read_reply(io)
+
             async def run() -> None:
-                done = 0
-                try:
-                    async with self._conn(node) as io:
-                        bufs: list[Buffer] = []
-                        for i in idxs:
-                            bufs += cmds[i][1]
-                        await io.send_all(bufs)
-                        for i in idxs:
-                            replies[i] = await read_reply(io)
-                            done += 1
-                    if self.mode == "cluster":
-                        self._cluster.answered(node.addr)
-                except _NodeUnreachable as exc:
-                    if self.mode != "cluster" or node.replica:
-                        raise
-                    self._cluster.failed(node.addr, exc)
-                    for i in idxs[done:]:
-                        replies[i] = _NODE_DOWN
+                for i in idxs:
+                    replies[i] = _NODE_DOWN  # until answered: what a master left out midway did not answer
+                await self._node_part(node, exchange)
             return run
 
         await _gather([runner(n, idxs) for n, idxs in groups.items()])
@@ -588,12 +594,7 @@ class RedisConnector:
 
         def runner(node: _Node, idxs: list[int]) -> Callable[[], Coroutine[Any, Any, None]]:
             async def run() -> None:
-                try:
-                    await read_node(node, idxs)
-                except _NodeUnreachable as exc:
-                    if node.replica:
-                        raise
-                    self._cluster.failed(node.addr, exc)  # the entries not read yet are misses
+                await self._node_part(node, lambda: read_node(node, idxs))  # those not read yet are misses
             return run
 
         async def read_node(node: _Node, idxs: list[int]) -> None:
@@ -730,15 +731,14 @@ class RedisConnector:
         unreachable: list[str] = []
 
         def pinger(node: _Node) -> Callable[[], Coroutine[Any, Any, None]]:
+            async def exchange() -> None:
+                async with self._conn(node) as io:
+                    await io.send_all(encode_command("PING"))
+                    check_reply(await read_reply(io), f"PING {node.addr}")
+
             async def run() -> None:
-                try:
-                    async with self._conn(node) as io:
-                        await io.send_all(encode_command("PING"))
-                        check_reply(await read_reply(io), f"PING {node.addr}")
-                except _NodeUnreachable as exc:
-                    if self.mode != "cluster":
-                        raise
-                    self._cluster.failed(node.addr, exc)
+                exc = await self._node_part(node, exchange)
+                if exc is not None:
                     unreachable.append(str(exc))
             return run
 
