@@ -234,6 +234,11 @@ class ValkeySentinel:
             p.stop()
 
 
+def _lists_replica(reply: bytes, port: int) -> bool:
+    """Whether a raw ``SENTINEL replicas`` reply lists the replica on ``port``, not flagged down."""
+    return b"\r\n%d\r\n" % port in reply and not any(f in reply for f in (b"s_down", b"o_down", b"disconnected"))
+
+
 def valkey_sentinel(workdir: Path, *, down_after_ms: int = 1000, failover_timeout_ms: int = 3000) -> ValkeySentinel:
     """Start the Sentinel topology of the user's guide (master, replica, 3 Sentinels), all on free ports."""
     master = valkey_server(workdir, name="master").start()
@@ -254,12 +259,16 @@ def valkey_sentinel(workdir: Path, *, down_after_ms: int = 1000, failover_timeou
             "sentinel parallel-syncs mymaster 1\n")
         sentinels.append(ServerProc([binary, str(conf), "--sentinel"], port, d, f"sentinel-{i}").start())
     topo = ValkeySentinel(master, replica, sentinels)
-    # Wait until the replica is in sync and the sentinels see each other (a failover needs a quorum).
+    # Wait until the replica is in sync, the sentinels see each other (a failover needs a quorum) and every
+    # Sentinel lists the replica as healthy (a Sentinel learns of it from the master's INFO: until then a client
+    # asking it for replicas to read from is told there are none, and reads from the master).
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         info = redis_command(replica.port, "INFO", "replication")
         sees = redis_command(sentinels[0].port, "SENTINEL", "sentinels", "mymaster")
-        if b"master_link_status:up" in info and sees.startswith(b"*2"):
+        if b"master_link_status:up" in info and sees.startswith(b"*2") and all(
+                _lists_replica(redis_command(s.port, "SENTINEL", "replicas", "mymaster"), replica.port)
+                for s in sentinels):
             break
         time.sleep(0.1)
     return topo

@@ -192,7 +192,9 @@ async def test_failover_with_replica_reads(fresh_sentinel: ValkeySentinel, key_m
         before = [key(key_model, i) for i in range(5)]
         assert await tier.put_many(before, [chunk(i) for i in range(5)]) == 5
         await _settled(topo.master.port)
+        m0 = _hits(topo.master.port)
         assert sum(await read_checked(tier, before, list(range(5)))) == 5
+        assert _hits(topo.master.port) == m0, "reads went to the master: the tier did not know the replica"
         await anyio.to_thread.run_sync(topo.master.kill)
         # The replica still answers reads while the master is gone (stale data is still validated).
         assert sum(await read_checked(tier, before, list(range(5)))) == 5
