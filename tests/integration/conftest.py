@@ -21,6 +21,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from mooncake_servers import MooncakeStore, mooncake_missing, mooncake_store
 from remote_fixtures import REMOTE_KINDS, url_for
 from servers import (
     LmServerProc,
@@ -139,10 +140,32 @@ def fresh_sentinel(tmp_path: Path) -> Iterator[ValkeySentinel]:
     topo.stop()
 
 
+@pytest.fixture(scope="session")
+def mooncake(servers_dir: Path) -> Iterator[MooncakeStore]:
+    """A Mooncake Store: ``mooncake_master`` and one ``mooncake_client`` storage node (shared)."""
+    why = mooncake_missing()
+    if why is not None:
+        pytest.skip(why)
+    store = mooncake_store(servers_dir / "mooncake")
+    yield store
+    store.stop()
+
+
+@pytest.fixture
+def fresh_mooncake(tmp_path: Path) -> Iterator[MooncakeStore]:
+    """A Mooncake Store of this test's own, free to kill or stop."""
+    why = mooncake_missing()
+    if why is not None:
+        pytest.skip(why)
+    store = mooncake_store(tmp_path / "mooncake")
+    yield store
+    store.stop()
+
+
 @pytest.fixture(params=REMOTE_KINDS)
 def remote_url(request: pytest.FixtureRequest) -> str:
     """Each remote in turn (parametrized): ``redis://``, ``redis-sentinel://``, ``redis-cluster://``, ``lm://``,
-    ``mock://``."""
+    ``mooncakestore://``, ``mock://``."""
     return url_for(request.param, request)
 
 

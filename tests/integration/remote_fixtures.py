@@ -18,7 +18,7 @@ from kvpipe.serde.naive import NaiveSerde
 from kvpipe.tiers.base import TierContext
 from kvpipe.tiers.remote import RemoteTier, open_remote_tier
 
-REMOTE_KINDS = ["redis", "sentinel", "cluster", "lm", "mock"]
+REMOTE_KINDS = ["redis", "sentinel", "cluster", "lm", "mooncake", "mock"]
 SHAPE = (2, 2, 16, 2, 8)  # layers, K/V, tokens, heads, head_dim: 4 KiB of float32
 
 
@@ -97,6 +97,8 @@ def url_for(kind: str, request: pytest.FixtureRequest) -> str:
         return str(request.getfixturevalue("cluster").url)
     if kind == "lm":
         return str(request.getfixturevalue("lm").url)
+    if kind == "mooncake":
+        return str(request.getfixturevalue("mooncake").url)
     if kind == "mock":
         return f"mock://{uuid.uuid4().hex}"
     raise ValueError(kind)

@@ -81,6 +81,8 @@ def test_plugin_dispatch() -> None:
     assert isinstance(connector_for_url("lm://a:1"), LmConnector)
     assert isinstance(connector_for_url("mock://z"), MockConnector)
     assert connector_for_url("infinistore://a:1") is None
+    pytest.importorskip("mooncake.store", reason="no Mooncake client here (mooncake-transfer-engine-non-cuda)")
+    assert type(connector_for_url("mooncakestore://a:1")).__name__ == "MooncakeConnector"
 
 
 @pytest.mark.parametrize(("value", "url_opt", "want"), [(True, "", True), ("yes", "", True), ("false", "", False),

@@ -39,7 +39,7 @@ async def inspect_remote(url: str, config: Config, *, model: str | None = None, 
     conn = connector_for_url(url, config)
     if conn is None:
         raise ConfigError(f"inspect --remote: no connector for {url!r} (redis://, redis-sentinel://, "
-                          "redis-cluster://, valkey://, unix://, lm://, mock://)")
+                          "redis-cluster://, valkey://, unix://, lm://, mooncakestore://, mock://)")
     glob = pattern or (f"*@{model}@*" if model else "*")
     timeout = max(30.0, float(config.blocking_timeout_secs))
     try:

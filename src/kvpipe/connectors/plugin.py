@@ -1,5 +1,5 @@
 """The built-in connector plugin: ``redis://``, ``rediss://``, ``unix://``, ``valkey://``, ``valkeys://``,
-``redis-sentinel://``, ``redis-cluster://``, ``lm://`` and ``mock://`` remote URLs.
+``redis-sentinel://``, ``redis-cluster://``, ``lm://``, ``mooncakestore://`` and ``mock://`` remote URLs.
 
 Connectors are built without I/O (connections are made on first use), so this hook stays synchronous and cheap.
 """
@@ -19,7 +19,7 @@ __all__ = ["SCHEMES", "connector_for_url", "kvpipe_connector_for_url"]
 
 _REDIS = ("redis", "rediss", "unix", "valkey", "valkeys", "redis-sentinel", "valkey-sentinel", "redis-cluster",
           "valkey-cluster")
-SCHEMES = (*_REDIS, "lm", "mock")
+SCHEMES = (*_REDIS, "lm", "mooncakestore", "mock")
 
 
 def connector_for_url(url: str, config: Config | None = None) -> Connector | None:
@@ -46,6 +46,10 @@ def connector_for_url(url: str, config: Config | None = None) -> Connector | Non
         from kvpipe.connectors.lm import LmConnector
 
         return LmConnector.from_url(url)
+    if scheme == "mooncakestore":
+        from kvpipe.connectors.mooncake import MooncakeConnector
+
+        return MooncakeConnector.from_url(url, extra)
     if scheme == "mock":
         from kvpipe.connectors.mock import MockConnector
 
@@ -55,5 +59,6 @@ def connector_for_url(url: str, config: Config | None = None) -> Connector | Non
 
 @hookimpl
 def kvpipe_connector_for_url(url: str, config: Config) -> Connector | None:
-    """Connectors for the Redis family, ``lm://`` and ``mock://``; ``None`` for any other scheme."""
+    """Connectors for the Redis family, ``lm://``, ``mooncakestore://`` and ``mock://``; ``None`` for any other
+    scheme."""
     return connector_for_url(url, config)

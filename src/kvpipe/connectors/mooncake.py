@@ -1,0 +1,480 @@
+"""The ``mooncakestore://MASTER_HOST:PORT`` connector: a client of a Mooncake Store (``mooncake_master`` plus the
+nodes that lend it memory, e.g. ``mooncake_client``), through the ``mooncake.store`` module of the PyPI package
+``mooncake-transfer-engine`` (``-non-cuda`` for CPU machines).
+
+One Mooncake object per entry, ``<key>`` = the 80-byte entry header followed by the payload: Mooncake makes an
+object visible only once all of it is written, so a reader never sees half an entry.
+
+Settings, LMCache's names, from (first wins) the URL query, ``extra_config``, the JSON file named by
+``MOONCAKE_CONFIG_PATH``, then the defaults: ``metadata_server`` (``http://MASTER_HOST:8080/metadata``, the
+master's own HTTP metadata server), ``protocol`` (``tcp``; ``rdma`` with ``device_name``, the URL's ``device``),
+``local_hostname`` (the address this host reaches the master from), ``global_segment_size`` (0: this process
+lends no memory, so its chunks outlive it), ``local_buffer_size`` (16 MiB), ``admin_port`` (the master's
+``-metrics_port``, 9003: ``kvpipe inspect`` lists keys through its ``/get_all_keys``). Sizes take bytes or
+``"256MB"``-style strings.
+
+The Mooncake client blocks (and waits up to 30 s on a hung node or master), so every call runs in a worker
+thread. A call the tier's deadline gives up on keeps its thread, which may still write; so payloads never travel
+between Mooncake and pool memory directly: each transfer goes through a staging buffer this connector owns (one
+per concurrent transfer, registered with Mooncake for RDMA), busy until its thread returns. The copy costs
+~0.5 ms per 4 MiB, small beside a Mooncake TCP transfer. Threads stuck on a dead remote are bounded: when every
+staging buffer (or every control call slot) is held by one, calls fail as unavailable at once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fnmatch
+import functools
+import json
+import logging
+import mmap
+import os
+import re
+import socket
+import threading
+import urllib.request
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import anyio
+import attrs
+
+from kvpipe.connectors.base import Entry, GetResult, ReadInto
+from kvpipe.connectors.urlopts import number_opt, split_url
+from kvpipe.errors import ConfigError, TierError, TierUnavailable
+from kvpipe.serde.entry import HEADER_SIZE
+
+__all__ = ["MooncakeConnector", "MooncakeSettings", "load_store_class"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Mooncake Store error codes (mooncake-store's ErrorCode) this connector tells apart.
+_NOT_FOUND = -704  # OBJECT_NOT_FOUND
+_BUFFER_OVERFLOW = -600  # the destination is smaller than the object
+_NO_SPACE = -200  # NO_AVAILABLE_HANDLE: no segment has room
+_TRANSFER_FAIL = -800  # the node holding the object did not deliver it (dead or hung node)
+_RPC_FAIL = (-900, -901)  # the master cannot be reached / did not answer
+_CONTROL_SLOTS = 4  # concurrent non-transfer calls (exists, delete, ping, list) before new ones fail fast
+_EMPTY = memoryview(b"")
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+_store_class: Any = None
+
+
+def load_store_class() -> Any:
+    """``mooncake.store.MooncakeDistributedStore``.
+
+    :raises ConfigError: naming what is missing (the package, or a shared library it links against).
+    """
+    global _store_class
+    if _store_class is None:
+        try:
+            from mooncake.store import MooncakeDistributedStore  # type: ignore[import-not-found]
+        except ImportError as exc:
+            what = str(exc)
+            if "libibverbs" in what or "libnl" in what:
+                raise ConfigError(f"mooncakestore://: the Mooncake client cannot load ({what}); install "
+                                  "libibverbs1 (apt install libibverbs1) or put its directory on LD_LIBRARY_PATH"
+                                  ) from None
+            raise ConfigError("mooncakestore://: the Mooncake client is not installed (pip install "
+                              f"'kvpipe[mooncake]' or mooncake-transfer-engine-non-cuda): {what}") from None
+        _store_class = MooncakeDistributedStore
+    return _store_class
+
+
+def parse_size(name: str, value: object) -> int:
+    """``value`` (an int of bytes or a string like ``"256MB"``, ``"4 GB"``, ``"1GiB"``) in bytes.
+
+    :raises ConfigError: for anything else.
+    """
+    if isinstance(value, bool):
+        raise ConfigError(f"mooncake {name}: expected a size, got {value!r}")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ConfigError(f"mooncake {name}: must be >= 0, got {value!r}")
+        return int(value)
+    m = _SIZE_RE.match(str(value))
+    if not m:
+        raise ConfigError(f"mooncake {name}: expected bytes or a size like '256MB', got {value!r}")
+    unit = (m.group(2) or "").lower().replace("i", "").replace("b", "") or ""
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def _route_address(host: str, port: int) -> str:
+    """The local address this host reaches ``host`` from (no packet is sent: a UDP socket's connect only routes)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((host, port))
+            return str(s.getsockname()[0])
+    except OSError:
+        return "127.0.0.1"
+
+
+@attrs.frozen
+class MooncakeSettings:
+    """What ``MooncakeDistributedStore.setup`` takes, plus the master's admin port."""
+
+    master: str
+    metadata_server: str
+    local_hostname: str
+    protocol: str = "tcp"
+    device_name: str = ""
+    global_segment_size: int = 0
+    local_buffer_size: int = 16 << 20
+    admin_port: int = 9003
+
+
+_KEYS = ("metadata_server", "local_hostname", "protocol", "device_name", "global_segment_size", "local_buffer_size",
+         "admin_port")
+
+
+def _file_config() -> dict[str, Any]:
+    path = os.environ.get("MOONCAKE_CONFIG_PATH")
+    if not path:
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"MOONCAKE_CONFIG_PATH={path!r}: cannot read it as JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"MOONCAKE_CONFIG_PATH={path!r}: expected a JSON object")
+    return data
+
+
+@attrs.define(eq=False)
+class _Staging:
+    """A buffer for one transfer at a time; ``busy`` until the thread using it returns."""
+
+    size: int = 0
+    busy: bool = False
+    thread_done: bool = False
+    abandoned: bool = False
+    _mem: mmap.mmap | None = attrs.field(default=None, repr=False)
+    _cbuf: Any = attrs.field(default=None, repr=False)
+    ptr: int = 0
+
+    def ensure(self, need: int, store: Any) -> None:
+        """At least ``need`` bytes (grown to the next MiB, registered with ``store``); called by the owning thread."""
+        if need <= self.size:
+            return
+        size = max(need + (1 << 20) - 1, 1 << 20) & ~((1 << 20) - 1)
+        self.release(store)
+        mem = mmap.mmap(-1, size)
+        self._cbuf = (ctypes.c_char * size).from_buffer(mem)
+        self._mem, self.size, self.ptr = mem, size, ctypes.addressof(self._cbuf)
+        store.register_buffer(self.ptr, size)
+
+    def view(self, n: int) -> memoryview:
+        assert self._mem is not None
+        return memoryview(self._mem)[:n]
+
+    def release(self, store: Any) -> None:
+        if self._mem is not None:
+            try:
+                store.unregister_buffer(self.ptr, self.size)
+            except Exception as exc:  # a store already closed has nothing registered
+                log.debug("mooncake: unregister_buffer failed: %s", exc)
+            self._cbuf = None
+            self._mem.close()
+            self._mem, self.size, self.ptr = None, 0, 0
+
+
+@attrs.define(eq=False)
+class MooncakeConnector:
+    """Byte store over a Mooncake Store (see :class:`~kvpipe.connectors.base.Connector`)."""
+
+    url: str
+    settings: MooncakeSettings
+    max_transfers: int = 4
+    _store: Any = attrs.field(init=False, default=None)
+    _setup_lock: anyio.Lock = attrs.field(init=False, factory=anyio.Lock)
+    _staging: list[_Staging] = attrs.field(init=False)
+    _control: int = attrs.field(init=False, default=0)
+    _lock: threading.Lock = attrs.field(init=False, factory=threading.Lock)
+    _closed: bool = attrs.field(init=False, default=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._staging = [_Staging() for _ in range(self.max_transfers)]
+
+    @classmethod
+    def from_url(cls, url: str, extra: dict[str, Any] | None = None) -> MooncakeConnector:
+        """Parse ``mooncakestore://MASTER_HOST:PORT[?metadata_server=..&protocol=..&device=..&...]``.
+
+        :raises ConfigError: for a malformed URL or setting, or when the Mooncake client cannot be loaded.
+        """
+        parts, q = split_url(url, "mooncakestore")
+        try:
+            host, port = parts.hostname, parts.port
+        except ValueError:
+            raise ConfigError(f"remote_url={url!r}: bad port") from None
+        if not host or port is None:
+            raise ConfigError(f"remote_url={url!r}: expected mooncakestore://MASTER_HOST:PORT")
+        if "device" in q:
+            q["device_name"] = q.pop("device")
+        unknown = set(q) - set(_KEYS) - {"max_transfers"}
+        if unknown:
+            raise ConfigError(f"remote_url={url!r}: unknown option {sorted(unknown)[0]!r} (known: "
+                              f"{', '.join(_KEYS)}, device, max_transfers)")
+        merged: dict[str, Any] = {k: v for k, v in _file_config().items() if k in _KEYS}
+        merged.update({k: v for k, v in (extra or {}).items() if k in _KEYS})
+        merged.update({k: v for k, v in q.items() if k in _KEYS})
+        protocol = str(merged.get("protocol", "tcp")).lower()
+        if protocol not in ("tcp", "rdma"):
+            raise ConfigError(f"remote_url={url!r}: protocol must be tcp or rdma, got {protocol!r}")
+        try:
+            admin_port = int(merged.get("admin_port", 9003))
+        except (TypeError, ValueError):
+            raise ConfigError(f"remote_url={url!r}: admin_port must be an integer") from None
+        settings = MooncakeSettings(
+            master=f"{host}:{port}",
+            metadata_server=str(merged.get("metadata_server") or f"http://{host}:8080/metadata"),
+            local_hostname=str(merged.get("local_hostname") or _route_address(host, port)),
+            protocol=protocol,
+            device_name=str(merged.get("device_name") or ""),
+            global_segment_size=parse_size("global_segment_size", merged.get("global_segment_size", 0)),
+            local_buffer_size=parse_size("local_buffer_size", merged.get("local_buffer_size", 16 << 20)),
+            admin_port=admin_port,
+        )
+        load_store_class()
+        transfers = int(number_opt(q, "max_transfers", url, 4, minimum=1))
+        return cls(url=url, settings=settings, max_transfers=transfers)
+
+    @property
+    def _safe_url(self) -> str:
+        return f"mooncakestore://{self.settings.master}"
+
+    # -- the store and its threads ------------------------------------------------------------------------------
+    async def _get_store(self) -> Any:
+        if self._closed:
+            raise TierUnavailable(f"{self._safe_url}: connector closed")
+        if self._store is not None:
+            return self._store
+        async with self._setup_lock:
+            if self._store is None:
+                s = self.settings
+                cls = load_store_class()
+
+                def setup() -> Any:
+                    store = cls()
+                    rc = store.setup(s.local_hostname, s.metadata_server, s.global_segment_size, s.local_buffer_size,
+                                     s.protocol, s.device_name, s.master)
+                    if rc != 0:
+                        raise TierUnavailable(f"{self._safe_url}: Mooncake setup failed ({rc}): is the master "
+                                              f"running, and the metadata server {s.metadata_server} reachable?")
+                    return store
+                self._store = await self._control_call(setup)
+        return self._store
+
+    async def _control_call(self, fn: Callable[[], T]) -> T:
+        """``fn()`` in a worker thread that a deadline may abandon (it then runs on, holding a control slot)."""
+        with self._lock:
+            if self._control >= _CONTROL_SLOTS:
+                raise TierUnavailable(f"{self._safe_url}: {_CONTROL_SLOTS} earlier calls are still waiting on "
+                                      "Mooncake")
+            self._control += 1
+
+        def run() -> T:
+            try:
+                return fn()
+            finally:
+                with self._lock:
+                    self._control -= 1
+        return await anyio.to_thread.run_sync(run, abandon_on_cancel=True)
+
+    async def _slot(self) -> _Staging:
+        """A free staging buffer (waits while all are busy with live calls; fails when stuck ones hold them all)."""
+        waited = 0.0
+        while True:
+            with self._lock:
+                for st in self._staging:
+                    if not st.busy:
+                        st.busy, st.thread_done, st.abandoned = True, False, False
+                        return st
+            if waited > 1.0:
+                raise TierUnavailable(f"{self._safe_url}: every transfer slot is held by a call still waiting on "
+                                      "Mooncake")
+            await anyio.sleep(0.002)
+            waited += 0.002
+
+    async def _transfer(self, st: _Staging, fn: Callable[[], T]) -> T:
+        """``fn()`` in a worker thread, with ``st`` (taken by :meth:`_slot`). On return the caller still owns
+        ``st`` and frees it with :meth:`_free`; when a deadline gives up on the call, ``st`` stays busy until the
+        thread returns (it may still be writing into it)."""
+        def run() -> T:
+            try:
+                return fn()
+            finally:
+                with self._lock:
+                    st.thread_done = True
+                    if st.abandoned:
+                        st.busy = False
+        try:
+            return await anyio.to_thread.run_sync(run, abandon_on_cancel=True)
+        except BaseException:
+            with self._lock:
+                st.abandoned = True
+                if st.thread_done:
+                    st.busy = False
+            raise
+
+    def _free(self, st: _Staging) -> None:
+        with self._lock:
+            st.busy = False
+
+    @staticmethod
+    def _check(rc: int, what: str, url: str) -> None:
+        if rc in _RPC_FAIL:
+            raise TierUnavailable(f"{url}: {what}: the Mooncake master cannot be reached ({rc})")
+
+    # -- the connector contract ---------------------------------------------------------------------------------
+    async def exists_many(self, keys: Sequence[str]) -> list[bool]:
+        """Whether each entry is stored."""
+        if not keys:
+            return []
+        store = await self._get_store()
+        rcs = await self._control_call(lambda: list(store.batch_is_exist(list(keys))))
+        for rc in rcs:
+            if rc < 0:
+                self._check(rc, "exists", self._safe_url)
+                raise TierError(f"{self._safe_url}: exists failed ({rc})")
+        return [rc == 1 for rc in rcs]
+
+    async def get_many(self, keys: Sequence[str], read_into: ReadInto) -> list[GetResult | None]:
+        """Each entry read into a staging buffer, then its payload copied into ``read_into(header)``'s buffer."""
+        out: list[GetResult | None] = []
+        if not keys:
+            return out
+        store = await self._get_store()
+        for key in keys:
+            st = await self._slot()
+            n = await self._transfer(st, functools.partial(self._get_blocking, store, key, st))
+            try:
+                out.append(self._unpack(key, n, st, read_into))
+            finally:
+                self._free(st)
+        return out
+
+    def _unpack(self, key: str, n: int, st: _Staging, read_into: ReadInto) -> GetResult | None:
+        """The result of a get that returned ``n`` (an object size or an error code) into ``st``."""
+        if n < 0:
+            self._check(n, "get", self._safe_url)
+            if n not in (_NOT_FOUND, _TRANSFER_FAIL):
+                log.debug("%s: get %s failed (%d)", self._safe_url, key, n)
+            return None
+        data = st.view(n)
+        if n < HEADER_SIZE:
+            return bytes(data), _EMPTY
+        hb = bytes(data[:HEADER_SIZE])
+        rest = n - HEADER_SIZE
+        buf = read_into(hb, key)
+        if buf is None or rest > len(buf):
+            return hb, _EMPTY
+        view = buf[:rest]
+        view.cast("B")[:] = data[HEADER_SIZE:n]
+        return hb, view
+
+    @staticmethod
+    def _get_blocking(store: Any, key: str, st: _Staging) -> int:
+        if st.size == 0:
+            st.ensure(4 << 20, store)
+        n = int(store.get_into(key, st.ptr, st.size))
+        if n == _BUFFER_OVERFLOW:
+            size = int(store.get_size(key))
+            if size < 0:
+                return size
+            st.ensure(size, store)
+            n = int(store.get_into(key, st.ptr, st.size))
+        return n
+
+    async def put_many(self, items: Sequence[Entry]) -> int:
+        """Store entries (header and payload copied into one staging buffer, written as one object); returns how
+        many were stored (a full store answers no space, and the entry is not stored)."""
+        if not items:
+            return 0
+        store = await self._get_store()
+        stored = 0
+        for key, header, payload in items:
+            st = await self._slot()
+            pv = memoryview(payload).cast("B")
+            n = len(header) + len(pv)
+
+            def put(key: str = key, header: bytes = header, pv: memoryview = pv, n: int = n,
+                    st: _Staging = st) -> int:
+                st.ensure(n, store)
+                dst = st.view(n)
+                dst[: len(header)] = header
+                dst[len(header):] = pv
+                del dst
+                return int(store.put_from(key, st.ptr, n))
+            try:
+                rc = await self._transfer(st, put)
+            finally:
+                if not st.abandoned:
+                    self._free(st)
+            if rc < 0:
+                self._check(rc, "put", self._safe_url)
+                if rc != _NO_SPACE:
+                    log.debug("%s: put %s failed (%d)", self._safe_url, key, rc)
+                continue
+            stored += 1
+        return stored
+
+    async def delete_many(self, keys: Sequence[str]) -> int:
+        """Delete entries; returns how many existed."""
+        if not keys:
+            return 0
+        store = await self._get_store()
+        rcs = await self._control_call(lambda: list(store.batch_remove(list(keys), True)))
+        for rc in rcs:
+            self._check(rc, "delete", self._safe_url)
+        return sum(1 for rc in rcs if rc == 0)
+
+    async def list_keys(self, pattern: str) -> list[str]:
+        """Entry keys matching the glob ``pattern`` (the master's ``/get_all_keys`` on its admin port)."""
+        host = self.settings.master.rpartition(":")[0]
+        url = f"http://{host}:{self.settings.admin_port}/get_all_keys"
+
+        def fetch() -> str:
+            with urllib.request.urlopen(url, timeout=30) as r:
+                return str(r.read().decode("utf-8", errors="replace"))
+        try:
+            text = await self._control_call(fetch)
+        except OSError as exc:
+            raise TierUnavailable(f"{self._safe_url}: cannot list keys at {url}: {exc}") from None
+        return [k for k in text.split() if fnmatch.fnmatchcase(k, pattern)]
+
+    async def ping(self) -> None:
+        """A master round trip (``health_check`` does not ask the master, so this asks whether a key exists).
+
+        :raises TierUnavailable: when the master cannot be reached."""
+        store = await self._get_store()
+        rc = (await self._control_call(lambda: list(store.batch_is_exist(["kvpipe-ping"]))))[0]
+        if rc < 0:
+            self._check(rc, "ping", self._safe_url)
+            raise TierUnavailable(f"{self._safe_url}: ping failed ({rc})")
+
+    def reset(self) -> None:
+        """Forget the client (the tier calls this when it marks the remote down): the next call sets up a new one.
+        A client still used by a stuck thread is closed by that thread's last reference going away."""
+        self._store = None
+
+    async def aclose(self) -> None:
+        """Close the client once no transfer is in flight (a stuck one keeps it, and its staging, alive)."""
+        self._closed = True
+        store, self._store = self._store, None
+        for _ in range(100):  # up to 1 s for transfers in flight to return
+            if not any(st.busy for st in self._staging):
+                break
+            await anyio.sleep(0.01)
+        if store is not None and not any(st.busy for st in self._staging) and self._control == 0:
+            for st in self._staging:
+                st.release(store)
+            try:
+                await anyio.to_thread.run_sync(store.close)
+            except Exception as exc:
+                log.debug("%s: close failed: %s", self._safe_url, exc)
