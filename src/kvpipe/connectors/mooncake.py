@@ -156,29 +156,35 @@ class _Staging:
     abandoned: bool = False
     _mem: mmap.mmap | None = attrs.field(default=None, repr=False)
     _cbuf: Any = attrs.field(default=None, repr=False)
+    _registered: Any = attrs.field(default=None, repr=False)  # the client this buffer is registered with
     ptr: int = 0
 
     def ensure(self, need: int, store: Any) -> None:
-        """At least ``need`` bytes (grown to the next MiB, registered with ``store``); called by the owning thread."""
-        if need <= self.size:
-            return
-        size = max(need + (1 << 20) - 1, 1 << 20) & ~((1 << 20) - 1)
-        self.release(store)
-        mem = mmap.mmap(-1, size)
-        self._cbuf = (ctypes.c_char * size).from_buffer(mem)
-        self._mem, self.size, self.ptr = mem, size, ctypes.addressof(self._cbuf)
-        store.register_buffer(self.ptr, size)
+        """At least ``need`` bytes (grown to the next MiB), registered with ``store`` (RDMA needs it; after a
+        reset the connector has a new client); called by the owning thread."""
+        if need > self.size:
+            size = max(need + (1 << 20) - 1, 1 << 20) & ~((1 << 20) - 1)
+            self.release(self._registered)
+            mem = mmap.mmap(-1, size)
+            self._cbuf = (ctypes.c_char * size).from_buffer(mem)
+            self._mem, self.size, self.ptr = mem, size, ctypes.addressof(self._cbuf)
+        if self._registered is not store:
+            store.register_buffer(self.ptr, self.size)
+            self._registered = store
 
     def view(self, n: int) -> memoryview:
         assert self._mem is not None
         return memoryview(self._mem)[:n]
 
     def release(self, store: Any) -> None:
+        """Unregister from ``store`` (when registered there) and unmap."""
         if self._mem is not None:
-            try:
-                store.unregister_buffer(self.ptr, self.size)
-            except Exception as exc:  # a store already closed has nothing registered
-                log.debug("mooncake: unregister_buffer failed: %s", exc)
+            if store is not None and store is self._registered:
+                try:
+                    store.unregister_buffer(self.ptr)
+                except Exception as exc:  # a store already closed has nothing registered
+                    log.debug("mooncake: unregister_buffer failed: %s", exc)
+            self._registered = None
             self._cbuf = None
             self._mem.close()
             self._mem, self.size, self.ptr = None, 0, 0
@@ -380,8 +386,7 @@ class MooncakeConnector:
 
     @staticmethod
     def _get_blocking(store: Any, key: str, st: _Staging) -> int:
-        if st.size == 0:
-            st.ensure(4 << 20, store)
+        st.ensure(4 << 20, store)  # a first guess (a 256-token chunk of an 8B model); grown below when short
         n = int(store.get_into(key, st.ptr, st.size))
         if n == _BUFFER_OVERFLOW:
             size = int(store.get_size(key))

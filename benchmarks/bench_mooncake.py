@@ -1,0 +1,217 @@
+"""PUT/GET of big chunks through kvpipe's ``mooncakestore://`` tier vs Mooncake's own Python client, same store, same
+run: a real ``mooncake_master`` and a ``mooncake_client`` storage node on loopback (TCP transport), and clients in
+this process that lend no memory (so every byte crosses a socket to the node).
+
+Baselines: ``get_into``/``put_from`` on a registered buffer (Mooncake's zero-copy API, the fastest a Python
+client gets) and ``get``/``put`` of ``bytes`` (its simple API). The tier adds a worker-thread hop, a copy through
+its staging buffer (so a call a deadline gives up on can never write into pool memory) and the entry checksum.
+Methods are interleaved in rounds; ratios are medians over ``--repeat`` runs.
+
+    python benchmarks/bench_mooncake.py [--quick] [--sizes 4,32] [--out benchmarks/results/mooncake.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import mmap
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "integration"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from mooncake_servers import mooncake_missing, mooncake_store  # noqa: E402
+
+from bench_remote import FreshChunks, MiB, _summary, _timed  # noqa: E402
+from kvpipe.config import Config  # noqa: E402
+from kvpipe.connectors.mooncake import MooncakeConnector, load_store_class  # noqa: E402
+from kvpipe.keys import KeyPrefix  # noqa: E402
+from kvpipe.memory.pool import create_pool  # noqa: E402
+from kvpipe.serde.naive import NaiveSerde  # noqa: E402
+from kvpipe.tiers.base import TierContext  # noqa: E402
+from kvpipe.tiers.remote import RemoteTier, open_remote_tier  # noqa: E402
+
+
+class RawMooncake:
+    """Mooncake's Python client as an application would use it directly, on a registered buffer."""
+
+    def __init__(self, url: str, size: int) -> None:
+        s = MooncakeConnector.from_url(url).settings
+        self.store = load_store_class()()
+        rc = self.store.setup(s.local_hostname, s.metadata_server, 0, s.local_buffer_size, s.protocol,
+                              s.device_name, s.master)
+        assert rc == 0, f"setup failed: {rc}"
+        self.mem = mmap.mmap(-1, 2 * size)
+        self._c = (ctypes.c_char * (2 * size)).from_buffer(self.mem)
+        self.ptr = ctypes.addressof(self._c)
+        assert self.store.register_buffer(self.ptr, 2 * size) == 0
+        self.size = size
+
+    def fill(self, data: memoryview) -> None:
+        memoryview(self.mem)[: self.size] = data
+
+    def put_from(self, key: str) -> None:
+        rc = self.store.put_from(key, self.ptr, self.size)
+        assert rc == 0, rc
+
+    def get_into(self, key: str) -> None:
+        n = self.store.get_into(key, self.ptr + self.size, self.size)
+        assert n == self.size, n
+
+    def close(self) -> None:
+        self.store.unregister_buffer(self.ptr)
+        self._c = None
+        self.store.close()
+
+
+async def bench_size(url: str, size: int, iters: int, warmup: int) -> dict[str, Any]:
+    numel = size // 4
+    kv = torch.randn(numel, dtype=torch.float32).view(1, 2, numel // 2, 1, 1)
+    data = memoryview(kv.view(-1).view(torch.uint8).numpy())
+    raw = RawMooncake(url, size)
+    raw.fill(data)
+    k = KeyPrefix("bench", f"mc{size}", 1, 0, "float32").key("cd" * 32)
+    ctx = TierContext(Config(blocking_timeout_secs=30), create_pool(2 * size + MiB), NaiveSerde())
+    tier: RemoteTier = await open_remote_tier(url, ctx, MooncakeConnector.from_url(url))
+    chunks = FreshChunks(kv, 1)
+    n_put = [0]
+
+    async def tier_get() -> None:
+        (got,) = await tier.get_many([k])
+        assert got is not None
+        got.release()
+
+    async def tier_put() -> None:
+        # Mooncake keeps the first object written under a key: every PUT writes a new key (deleted at the end).
+        n_put[0] += 1
+        (o,) = chunks.take()
+        try:
+            assert await tier.put_many([KeyPrefix("bench", f"mcput{size}", 1, 0, "float32").key(f"{n_put[0]:064x}")],
+                                       [o]) == 1
+        finally:
+            o.release()
+
+    def raw_put() -> None:
+        n_put[0] += 1
+        raw.put_from(f"bench-raw-put-{size}-{n_put[0]}")
+
+    def raw_put_bytes() -> None:
+        n_put[0] += 1
+        assert raw.store.put(f"bench-raw-put-{size}-{n_put[0]}", data) == 0
+
+    rkey = f"bench-raw-{size}"
+    raw.put_from(rkey)
+    methods: dict[str, Callable[[], Any]] = {
+        "tier_get": tier_get,
+        "tier_put": tier_put,
+        "mooncake_get_into": lambda: raw.get_into(rkey),
+        "mooncake_put_from": raw_put,
+        "mooncake_get_bytes": lambda: raw.store.get(rkey),
+        "mooncake_put_bytes": raw_put_bytes,
+    }
+    samples: dict[str, list[tuple[float, float]]] = {m: [] for m in methods}
+    gc.collect()
+    gc.freeze()
+    (o,) = chunks.take()
+    assert await tier.put_many([k], [o]) == 1
+    o.release()
+    for fn in methods.values():
+        for _ in range(warmup):
+            await _timed(fn)
+    per_round = min(5, iters)
+    for _ in range(max(1, iters // per_round)):
+        for m, fn in methods.items():
+            for _ in range(per_round):
+                samples[m].append(await _timed(fn))
+    out: dict[str, Any] = {m: _summary(v, size) for m, v in samples.items()}
+    (got,) = await tier.get_many([k])
+    assert got is not None and torch.equal(got.tensor, kv), "the tier read back different KV"
+    got.release()
+    raw.store.remove_all(True)  # every PUT wrote a key of its own
+    await tier.aclose()
+    raw.close()
+    gc.unfreeze()
+
+    def ratio(a: str, b: str) -> float:
+        return float(out[a]["gbps"] / out[b]["gbps"])
+
+    out["ratios"] = {
+        "tier_get_vs_get_into": ratio("tier_get", "mooncake_get_into"),
+        "tier_put_vs_put_from": ratio("tier_put", "mooncake_put_from"),
+        "tier_get_vs_get_bytes": ratio("tier_get", "mooncake_get_bytes"),
+        "tier_put_vs_put_bytes": ratio("tier_put", "mooncake_put_bytes"),
+    }
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="few iterations, 4 MiB only (a smoke run)")
+    ap.add_argument("--sizes", default="4,32", help="chunk sizes in MiB (default 4,32)")
+    ap.add_argument("--iters", type=int, default=None, help="timed iterations per method and size")
+    ap.add_argument("--repeat", type=int, default=3, help="full runs per size; ratios are medians (default 3)")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "mooncake.json"))
+    args = ap.parse_args(argv)
+    why = mooncake_missing()
+    if why is not None:
+        print(why, file=sys.stderr)
+        return 2
+    sizes = [4] if args.quick else [int(x) for x in args.sizes.split(",")]
+    repeat = 1 if args.quick else args.repeat
+    warmup = 1 if args.quick else 3
+    work = Path(tempfile.mkdtemp(prefix="kvpipe-bench-mc-"))
+    store = mooncake_store(work, segment="2GB")
+    results: dict[str, Any] = {
+        "benchmark": "mooncake", "quick": args.quick,
+        "host": {"cpus": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine(),
+                 "loadavg_at_start": os.getloadavg()},
+        "note": "loopback TCP, a real mooncake_master + mooncake_client node; clients lend no memory. Baselines: "
+                "Mooncake's own client on a registered buffer (get_into/put_from) and with bytes (get/put). Ratios: "
+                "medians over --repeat runs, methods interleaved in rounds of 5 calls",
+        "sizes": {},
+    }
+    try:
+        for mib in sizes:
+            iters = args.iters or (5 if args.quick else max(20, 400 // mib))
+            runs = [anyio.run(bench_size, store.url, mib * MiB, iters, warmup) for _ in range(repeat)]
+            runs.sort(key=lambda x: x["ratios"]["tier_get_vs_get_into"])
+            res = runs[len(runs) // 2]
+            res["iters"] = iters
+            if len(runs) > 1:
+                res["ratios_per_run"] = [x["ratios"] for x in runs]
+                res["ratios"] = {k: statistics.median(x["ratios"][k] for x in runs) for k in res["ratios"]}
+            results["sizes"][f"{mib}MiB"] = res
+            print(f"\n== {mib} MiB chunks (median of {iters} calls; ratios: median of {repeat} runs) ==")
+            for m, v in res.items():
+                if isinstance(v, dict) and "gbps" in v:
+                    print(f"  {m:20s} {v['gbps']:6.2f} GB/s   median {v['median_ms']:7.2f} ms   p99 "
+                          f"{v['p99_ms']:7.2f} ms   client CPU {v['client_cpu_ms']:6.2f} ms")
+            for name, x in res["ratios"].items():
+                print(f"  {name:28s} {x:5.2f}x")
+    finally:
+        store.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    results["host"]["loadavg_at_end"] = os.getloadavg()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwritten {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
