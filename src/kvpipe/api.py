@@ -453,6 +453,9 @@ async def _open_remote(url: str, ctx: TierContext) -> Tier:
         return await regs.tiers.get(scheme)(url, ctx)  # type: ignore[no-any-return]
     connector = regs.pm.hook.kvpipe_connector_for_url(url=url, config=ctx.config)
     if connector is None:
+        if scheme == "infinistore":  # LMCache lists it; kvpipe has no connector (no RDMA device to test one on)
+            raise ConfigError(f"remote_url: {url!r}: InfiniStore is not supported by kvpipe (its server needs an RDMA "
+                              "device); use mooncakestore://, lm:// or redis://")
         raise ConfigError(f"remote_url: no connector or tier for scheme {scheme!r} in {url!r}")
     from kvpipe.tiers.remote import open_remote_tier
 

@@ -176,6 +176,17 @@ async def test_unknown_policy_is_a_config_error() -> None:
             pass
 
 
+@pytest.mark.parametrize(("url", "msg"), [
+    ("infinistore://127.0.0.1:12345/?device=mlx5_1", "InfiniStore is not supported by kvpipe .*RDMA"),
+    ("gopher://h:1", "no connector or tier for scheme 'gopher'"),
+])
+async def test_remote_url_without_connector_is_a_config_error(url: str, msg: str) -> None:
+    with pytest.raises(kvpipe.ConfigError, match=msg) as e:
+        async with kvpipe.open_cache(small_config(remote_url=url)):
+            pass
+    assert "\n" not in str(e.value)
+
+
 # ----------------------------------------------------------------------------------------------- tiers
 async def test_retrieve_from_disk_promotes_into_cpu(tmp_path: Path) -> None:
     cfg = small_config(tmp_path, disk=True)
