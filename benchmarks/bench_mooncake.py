@@ -52,7 +52,8 @@ class RawMooncake:
     def __init__(self, url: str, size: int) -> None:
         s = MooncakeConnector.from_url(url).settings
         self.store = load_store_class()()
-        rc = self.store.setup(s.local_hostname, s.metadata_server, 0, s.local_buffer_size, s.protocol,
+        # get/put of bytes go through the client's local buffer: room for a few values
+        rc = self.store.setup(s.local_hostname, s.metadata_server, 0, 4 * size + s.local_buffer_size, s.protocol,
                               s.device_name, s.master)
         assert rc == 0, f"setup failed: {rc}"
         self.mem = mmap.mmap(-1, 2 * size)
@@ -89,6 +90,7 @@ async def bench_size(url: str, size: int, iters: int, warmup: int) -> dict[str, 
     tier: RemoteTier = await open_remote_tier(url, ctx, MooncakeConnector.from_url(url))
     chunks = FreshChunks(kv, 1)
     n_put = [0]
+    written: list[str] = []  # keys the PUTs wrote, removed after each round (outside the timing)
 
     async def tier_get() -> None:
         (got,) = await tier.get_many([k])
@@ -98,20 +100,29 @@ async def bench_size(url: str, size: int, iters: int, warmup: int) -> dict[str, 
     async def tier_put() -> None:
         # Mooncake keeps the first object written under a key: every PUT writes a new key (deleted at the end).
         n_put[0] += 1
+        pk = KeyPrefix("bench", f"mcput{size}", 1, 0, "float32").key(f"{n_put[0]:064x}")
+        written.append(pk.to_string())
         (o,) = chunks.take()
         try:
-            assert await tier.put_many([KeyPrefix("bench", f"mcput{size}", 1, 0, "float32").key(f"{n_put[0]:064x}")],
-                                       [o]) == 1
+            assert await tier.put_many([pk], [o]) == 1
         finally:
             o.release()
 
     def raw_put() -> None:
         n_put[0] += 1
-        raw.put_from(f"bench-raw-put-{size}-{n_put[0]}")
+        written.append(f"bench-raw-put-{size}-{n_put[0]}")
+        raw.put_from(written[-1])
 
     def raw_put_bytes() -> None:
         n_put[0] += 1
-        assert raw.store.put(f"bench-raw-put-{size}-{n_put[0]}", data) == 0
+        written.append(f"bench-raw-put-{size}-{n_put[0]}")
+        rc = raw.store.put(written[-1], data)
+        assert rc == 0, rc
+
+    def clean() -> None:
+        if written:
+            raw.store.batch_remove(written, True)
+            written.clear()
 
     rkey = f"bench-raw-{size}"
     raw.put_from(rkey)
@@ -132,16 +143,18 @@ async def bench_size(url: str, size: int, iters: int, warmup: int) -> dict[str, 
     for fn in methods.values():
         for _ in range(warmup):
             await _timed(fn)
+        clean()
     per_round = min(5, iters)
     for _ in range(max(1, iters // per_round)):
         for m, fn in methods.items():
             for _ in range(per_round):
                 samples[m].append(await _timed(fn))
+            clean()
     out: dict[str, Any] = {m: _summary(v, size) for m, v in samples.items()}
     (got,) = await tier.get_many([k])
     assert got is not None and torch.equal(got.tensor, kv), "the tier read back different KV"
     got.release()
-    raw.store.remove_all(True)  # every PUT wrote a key of its own
+    raw.store.batch_remove([rkey, k.to_string()], True)
     await tier.aclose()
     raw.close()
     gc.unfreeze()
