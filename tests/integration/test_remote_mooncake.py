@@ -113,8 +113,10 @@ async def test_master_killed_then_restarted(fresh_mooncake: MooncakeStore, key_m
             assert await read_checked(tier, keys, [0, 1, 2]) == [False] * 3
             assert await tier.put_many([key(key_model, 5)], [chunk(5)]) == 0
         assert not tier.available and tier.statistics().extra["down_events"] == 1
-        # Down: calls are misses at once (no Mooncake call is made).
-        assert await read_checked(tier, keys, [0, 1, 2]) == [False] * 3
+        # Down: calls are misses at once (no Mooncake call is made), while the tier probes in the background.
+        for _ in range(15):
+            assert await read_checked(tier, keys, [0, 1, 2]) == [False] * 3
+            await anyio.sleep(0.2)
         store.master.start()
         # A restarted master knows no objects; the node mounts its memory again and new chunks are stored.
         deadline = time.monotonic() + 40
@@ -127,6 +129,31 @@ async def test_master_killed_then_restarted(fresh_mooncake: MooncakeStore, key_m
                 stored = (await read_checked(tier, [k], [n % 50])) == [True]
             await anyio.sleep(0.2)
         assert stored, f"no hits after the master restart:\n{store.master.log_tail()}"
+        assert tier.available
+    finally:
+        await tier.aclose()
+
+
+async def test_master_down_at_start_then_up(fresh_mooncake: MooncakeStore, key_model: str) -> None:
+    store = fresh_mooncake
+    store.master.kill()
+    tier = await open_tier(store.url, make_ctx(timeout=1.0))
+    try:
+        k = key(key_model, 0)
+        with anyio.fail_after(30):
+            for _ in range(5):  # Mooncake's setup keeps retrying in its thread; calls meanwhile are misses
+                assert await tier.put_many([k], [chunk(0)]) == 0
+                assert await read_checked(tier, [k], [0]) == [False]
+        assert not tier.available
+        store.master.start()
+        store.wait_node_mounted()
+        deadline = time.monotonic() + 60  # the pending setup retries every ~4.5 s
+        while time.monotonic() < deadline:
+            if await tier.put_many([k], [chunk(0)]) == 1 and await read_checked(tier, [k], [0]) == [True]:
+                break
+            await anyio.sleep(0.5)
+        else:
+            pytest.fail("the tier never came up after the master started")
         assert tier.available
     finally:
         await tier.aclose()

@@ -35,7 +35,7 @@ import socket
 import threading
 import urllib.request
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import anyio
 import attrs
@@ -72,6 +72,9 @@ def load_store_class() -> Any:
     """
     global _store_class
     if _store_class is None:
+        # Mooncake logs every step of a client's set-up at INFO (and retries at WARNING) to stderr, into the
+        # engine's own log; errors only, unless the user set MC_LOG_LEVEL.
+        os.environ.setdefault("MC_LOG_LEVEL", "ERROR")
         try:
             from mooncake.store import MooncakeDistributedStore  # type: ignore[import-not-found]
         except ImportError as exc:
@@ -112,6 +115,39 @@ def _route_address(host: str, port: int) -> str:
             return str(s.getsockname()[0])
     except OSError:
         return "127.0.0.1"
+
+
+async def _in_daemon_thread(fn: Callable[[], T]) -> T:
+    """``fn()`` in a daemon thread of its own; the caller may be cancelled (the thread then runs on, abandoned).
+
+    Not anyio's worker threads: those are joined at interpreter exit, so a Mooncake call stuck on a hung node
+    (30 s) or a master that is gone (``setup`` retries for ~60 s) would hold up the engine's shutdown. The thread
+    wakes the waiting task through a pipe, which works on every anyio backend.
+    """
+    r, w = os.pipe()
+    box: list[tuple[bool, Any]] = []
+
+    def run() -> None:
+        try:
+            box.append((True, fn()))
+        except BaseException as exc:  # handed to the waiting task
+            box.append((False, exc))
+        finally:
+            try:
+                os.write(w, b"x")
+            except OSError:  # the waiting task gave up and closed its end
+                pass
+            os.close(w)
+
+    try:
+        threading.Thread(target=run, name="kvpipe-mooncake", daemon=True).start()
+        await anyio.wait_readable(r)
+    finally:
+        os.close(r)
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return cast(T, value)
 
 
 @attrs.frozen
@@ -198,7 +234,7 @@ class MooncakeConnector:
     settings: MooncakeSettings
     max_transfers: int = 4
     _store: Any = attrs.field(init=False, default=None)
-    _setup_lock: anyio.Lock = attrs.field(init=False, factory=anyio.Lock)
+    _setting_up: bool = attrs.field(init=False, default=False)
     _staging: list[_Staging] = attrs.field(init=False)
     _control: int = attrs.field(init=False, default=0)
     _lock: threading.Lock = attrs.field(init=False, factory=threading.Lock)
@@ -256,25 +292,44 @@ class MooncakeConnector:
 
     # -- the store and its threads ------------------------------------------------------------------------------
     async def _get_store(self) -> Any:
+        """The Mooncake client, set up on first use. One ``setup`` at a time: should the master go away during it,
+        it retries for about 90 s in its thread after the caller's deadline gave up on it; a client it then makes
+        is kept (not leaked), and calls meanwhile fail as unavailable at once."""
         if self._closed:
             raise TierUnavailable(f"{self._safe_url}: connector closed")
         if self._store is not None:
             return self._store
-        async with self._setup_lock:
-            if self._store is None:
-                s = self.settings
-                cls = load_store_class()
+        with self._lock:
+            if self._setting_up:
+                raise TierUnavailable(f"{self._safe_url}: still connecting to the Mooncake master")
+            self._setting_up = True
+        s = self.settings
+        cls = load_store_class()
 
-                def setup() -> Any:
-                    store = cls()
-                    rc = store.setup(s.local_hostname, s.metadata_server, s.global_segment_size, s.local_buffer_size,
-                                     s.protocol, s.device_name, s.master)
-                    if rc != 0:
-                        raise TierUnavailable(f"{self._safe_url}: Mooncake setup failed ({rc}): is the master "
-                                              f"running, and the metadata server {s.metadata_server} reachable?")
-                    return store
-                self._store = await self._control_call(setup)
-        return self._store
+        def setup() -> Any:
+            try:
+                # Mooncake's setup against a master that is down retries for ~90 s and does not notice it coming
+                # back; a plain connect to the master's port first fails at once instead.
+                host, _, port = s.master.rpartition(":")
+                try:
+                    socket.create_connection((host, int(port)), timeout=2).close()
+                except OSError as exc:
+                    raise TierUnavailable(f"{self._safe_url}: the Mooncake master cannot be reached: {exc}") from None
+                store = cls()
+                rc = store.setup(s.local_hostname, s.metadata_server, s.global_segment_size, s.local_buffer_size,
+                                 s.protocol, s.device_name, s.master)
+                if rc != 0:
+                    raise TierUnavailable(f"{self._safe_url}: Mooncake setup failed ({rc}): is the master running, "
+                                          f"and the metadata server {s.metadata_server} reachable?")
+                if self._closed:
+                    store.close()
+                    raise TierUnavailable(f"{self._safe_url}: connector closed")
+                self._store = store
+                return store
+            finally:
+                with self._lock:
+                    self._setting_up = False
+        return await self._control_call(setup)
 
     async def _control_call(self, fn: Callable[[], T]) -> T:
         """``fn()`` in a worker thread that a deadline may abandon (it then runs on, holding a control slot)."""
@@ -290,7 +345,7 @@ class MooncakeConnector:
             finally:
                 with self._lock:
                     self._control -= 1
-        return await anyio.to_thread.run_sync(run, abandon_on_cancel=True)
+        return await _in_daemon_thread(run)
 
     async def _slot(self) -> _Staging:
         """A free staging buffer (waits while all are busy with live calls; fails when stuck ones hold them all)."""
@@ -320,7 +375,7 @@ class MooncakeConnector:
                     if st.abandoned:
                         st.busy = False
         try:
-            return await anyio.to_thread.run_sync(run, abandon_on_cancel=True)
+            return await _in_daemon_thread(run)
         except BaseException:
             with self._lock:
                 st.abandoned = True
@@ -464,9 +519,8 @@ class MooncakeConnector:
             raise TierUnavailable(f"{self._safe_url}: ping failed ({rc})")
 
     def reset(self) -> None:
-        """Forget the client (the tier calls this when it marks the remote down): the next call sets up a new one.
-        A client still used by a stuck thread is closed by that thread's last reference going away."""
-        self._store = None
+        """Nothing to drop when the tier marks the remote down: the Mooncake client reconnects to its master by
+        itself (also to a restarted one), while a new client's ``setup`` would have to start over."""
 
     async def aclose(self) -> None:
         """Close the client once no transfer is in flight (a stuck one keeps it, and its staging, alive)."""
