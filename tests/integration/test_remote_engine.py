@@ -1,5 +1,5 @@
-"""The engine over remote tiers: two processes sharing one Redis (and one lm:// server) get identical KV; an
-unreachable remote never makes the engine raise or hang."""
+"""The engine over remote tiers: two processes sharing one Redis (and one lm:// server, one Mooncake Store) get
+identical KV; an unreachable remote never makes the engine raise or hang."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def _run(url: str, model: str, mode: str) -> dict[str, object]:
     return json.loads(line.removeprefix("RESULT "))  # type: ignore[no-any-return]
 
 
-@pytest.mark.parametrize("kind", ["redis", "lm"])
+@pytest.mark.parametrize("kind", ["redis", "lm", "mooncake"])
 def test_two_processes_share_one_remote(kind: str, request: pytest.FixtureRequest, key_model: str) -> None:
     url = url_for(kind, request)
     stored = _run(url, key_model, "store")
