@@ -15,12 +15,10 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import json
 import mmap
 import os
 import platform
 import shutil
-import statistics
 import sys
 import tempfile
 from collections.abc import Callable
@@ -36,7 +34,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from mooncake_servers import mooncake_missing, mooncake_store  # noqa: E402
 
-from bench_remote import FreshChunks, MiB, _summary, _timed  # noqa: E402
+from bench_remote import FreshChunks, MiB, _summary, _timed, median_run, print_size, write_results  # noqa: E402
 from kvpipe.config import Config  # noqa: E402
 from kvpipe.connectors.mooncake import MooncakeConnector, load_store_class  # noqa: E402
 from kvpipe.keys import KeyPrefix  # noqa: E402
@@ -201,28 +199,15 @@ def main(argv: list[str] | None = None) -> int:
         for mib in sizes:
             iters = args.iters or (5 if args.quick else max(20, 400 // mib))
             runs = [anyio.run(bench_size, store.url, mib * MiB, iters, warmup) for _ in range(repeat)]
-            runs.sort(key=lambda x: x["ratios"]["tier_get_vs_get_into"])
-            res = runs[len(runs) // 2]
+            res = median_run(runs, "tier_get_vs_get_into")
             res["iters"] = iters
-            if len(runs) > 1:
-                res["ratios_per_run"] = [x["ratios"] for x in runs]
-                res["ratios"] = {k: statistics.median(x["ratios"][k] for x in runs) for k in res["ratios"]}
             results["sizes"][f"{mib}MiB"] = res
             print(f"\n== {mib} MiB chunks (median of {iters} calls; ratios: median of {repeat} runs) ==")
-            for m, v in res.items():
-                if isinstance(v, dict) and "gbps" in v:
-                    print(f"  {m:20s} {v['gbps']:6.2f} GB/s   median {v['median_ms']:7.2f} ms   p99 "
-                          f"{v['p99_ms']:7.2f} ms   client CPU {v['client_cpu_ms']:6.2f} ms")
-            for name, x in res["ratios"].items():
-                print(f"  {name:28s} {x:5.2f}x")
+            print_size(res, 20, 28)
     finally:
         store.stop()
         shutil.rmtree(work, ignore_errors=True)
-    results["host"]["loadavg_at_end"] = os.getloadavg()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nwritten {out}")
+    write_results(results, Path(args.out))
     return 0
 
 

@@ -462,6 +462,35 @@ async def bench_size(size: int, iters: int, warmup: int, redis_port: int, lm_url
     return out
 
 
+def median_run(runs: list[dict[str, Any]], by: str) -> dict[str, Any]:
+    """The run whose ratio ``by`` is the median, with every ratio replaced by its median over the runs (and the
+    per-run ratios kept as ``ratios_per_run``): run-to-run spread on this VM is larger than within a run."""
+    runs = sorted(runs, key=lambda x: x["ratios"][by])
+    res = runs[len(runs) // 2]
+    if len(runs) > 1:
+        res["ratios_per_run"] = [x["ratios"] for x in runs]
+        res["ratios"] = {k: statistics.median(x["ratios"][k] for x in runs) for k in res["ratios"]}
+    return res
+
+
+def print_size(res: dict[str, Any], name_width: int, ratio_width: int) -> None:
+    """Each method's figures and the ratios of one size."""
+    for m, v in res.items():
+        if isinstance(v, dict) and "gbps" in v:
+            print(f"  {m:{name_width}s} {v['gbps']:6.2f} GB/s   median {v['median_ms']:7.2f} ms   p99 "
+                  f"{v['p99_ms']:7.2f} ms   client CPU {v['client_cpu_ms']:6.2f} ms")
+    for name, x in res["ratios"].items():
+        print(f"  {name:{ratio_width}s} {x:5.2f}x")
+
+
+def write_results(results: dict[str, Any], out: Path) -> None:
+    """Record the load at the end and write ``results`` as JSON to ``out``."""
+    results["host"]["loadavg_at_end"] = os.getloadavg()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwritten {out}")
+
+
 def redis_benchmark(port: int, size: int, n: int) -> dict[str, Any] | None:
     """``valkey-benchmark``/``redis-benchmark`` SET/GET figures when a binary exists (the wheel ships none)."""
     binary = valkey_bin("valkey-benchmark") or shutil.which("redis-benchmark")
@@ -547,12 +576,8 @@ def main(argv: list[str] | None = None) -> int:
                     for _ in range(args.repeat)]
             # Run-to-run spread on this VM is larger than within a run (±10-20%): the figures reported are those
             # of the run with the median Redis GET ratio, the ratios and targets are medians over the runs.
-            runs.sort(key=lambda x: x["ratios"]["redis_tier_get_vs_raw_socket"])
-            res = runs[len(runs) // 2]
+            res = median_run(runs, "redis_tier_get_vs_raw_socket")
             res["iters"] = iters
-            if len(runs) > 1:
-                res["ratios_per_run"] = [x["ratios"] for x in runs]
-                res["ratios"] = {k: statistics.median(x["ratios"][k] for x in runs) for k in res["ratios"]}
             r = res["ratios"]
             res["targets"] = {
                 "redis_tier_get >= 0.85x raw socket": r["redis_tier_get_vs_raw_socket"] >= 0.85,
@@ -570,12 +595,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                     "valkey-server and valkey-cli)"
             results["sizes"][f"{mib}MiB"] = res
             print(f"\n== {mib} MiB chunks (GB/s, median of {iters} calls; ratios: median of {args.repeat} runs) ==")
-            for m, v in res.items():
-                if isinstance(v, dict) and "gbps" in v:
-                    print(f"  {m:24s} {v['gbps']:6.2f} GB/s   median {v['median_ms']:7.2f} ms   p99 "
-                          f"{v['p99_ms']:7.2f} ms   client CPU {v['client_cpu_ms']:6.2f} ms")
-            for name, x in res["ratios"].items():
-                print(f"  {name:48s} {x:5.2f}x")
+            print_size(res, 24, 48)
             for name, met in res["targets"].items():
                 print(f"  target {name:46s} {'met' if met else 'MISSED'}")
     finally:
@@ -584,11 +604,7 @@ def main(argv: list[str] | None = None) -> int:
         raw_proc.terminate()
         raw_proc.wait(10)
         shutil.rmtree(work, ignore_errors=True)
-    results["host"]["loadavg_at_end"] = os.getloadavg()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nwritten {out}")
+    write_results(results, Path(args.out))
     return 0
 
 

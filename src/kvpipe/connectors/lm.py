@@ -19,8 +19,8 @@ import attrs
 
 from kvpipe.connectors.base import Entry, GetResult, ReadInto, aiter_of
 from kvpipe.connectors.sockio import ConnectionPool, SocketIO, connect_tcp
-from kvpipe.connectors.urlopts import number_opt, split_url
-from kvpipe.errors import ConfigError, ProtocolError, TierError, TierUnavailable
+from kvpipe.connectors.urlopts import host_port, number_opt, split_url
+from kvpipe.errors import ProtocolError, TierError, TierUnavailable
 from kvpipe.lm.protocol import (
     FRAME_SIZE,
     Frame,
@@ -61,12 +61,7 @@ class LmConnector:
         :raises ConfigError: for a malformed URL.
         """
         parts, q = split_url(url, "lm")
-        try:
-            host, port = parts.hostname, parts.port
-        except ValueError:
-            raise ConfigError(f"remote_url={url!r}: bad port") from None
-        if not host or port is None:
-            raise ConfigError(f"remote_url={url!r}: expected lm://host:port")
+        host, port = host_port(parts, url, "lm://host:port")
         token = q.get("auth_token") or (unquote(parts.password) if parts.password else None)
         maxc = int(number_opt(q, "max_connections", url, 8))
         return cls(url=url, host=host, port=port, auth_token=token, max_connections=max(1, maxc))

@@ -41,7 +41,7 @@ import anyio
 import attrs
 
 from kvpipe.connectors.base import Entry, GetResult, ReadInto
-from kvpipe.connectors.urlopts import number_opt, split_url
+from kvpipe.connectors.urlopts import host_port, number_opt, split_url
 from kvpipe.errors import ConfigError, TierError, TierUnavailable
 from kvpipe.serde.entry import HEADER_SIZE
 
@@ -250,12 +250,7 @@ class MooncakeConnector:
         :raises ConfigError: for a malformed URL or setting, or when the Mooncake client cannot be loaded.
         """
         parts, q = split_url(url, "mooncakestore")
-        try:
-            host, port = parts.hostname, parts.port
-        except ValueError:
-            raise ConfigError(f"remote_url={url!r}: bad port") from None
-        if not host or port is None:
-            raise ConfigError(f"remote_url={url!r}: expected mooncakestore://MASTER_HOST:PORT")
+        host, port = host_port(parts, url, "mooncakestore://MASTER_HOST:PORT")
         if "device" in q:
             q["device_name"] = q.pop("device")
         unknown = set(q) - set(_KEYS) - {"max_transfers"}

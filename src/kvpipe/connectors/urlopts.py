@@ -11,7 +11,7 @@ from urllib.parse import SplitResult, parse_qs, urlsplit
 from kvpipe.config import parse_bool
 from kvpipe.errors import ConfigError
 
-__all__ = ["bool_opt", "number_opt", "split_url"]
+__all__ = ["bool_opt", "host_port", "number_opt", "split_url"]
 
 def split_url(url: str, scheme: str | None = None) -> tuple[SplitResult, dict[str, str]]:
     """``url``'s parts and its query options (last value wins).
@@ -22,6 +22,20 @@ def split_url(url: str, scheme: str | None = None) -> tuple[SplitResult, dict[st
     if scheme is not None and parts.scheme != scheme:
         raise ConfigError(f"remote_url={url!r}: expected a URL starting with {scheme}://")
     return parts, {k: v[-1] for k, v in parse_qs(parts.query).items()}
+
+
+def host_port(parts: SplitResult, url: str, expected: str) -> tuple[str, int]:
+    """The one ``host:port`` of a split URL.
+
+    :raises ConfigError: for a bad port, or a missing host or port (the message shows ``expected``).
+    """
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        raise ConfigError(f"remote_url={url!r}: bad port") from None
+    if not host or port is None:
+        raise ConfigError(f"remote_url={url!r}: expected {expected}")
+    return host, port
 
 
 def bool_opt(q: dict[str, str], name: str, url: str, default: bool) -> bool:
