@@ -12,7 +12,6 @@ Methods are interleaved in rounds; ratios are medians over ``--repeat`` runs.
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import gc
 import mmap
@@ -34,7 +33,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from mooncake_servers import mooncake_missing, mooncake_store  # noqa: E402
 
-from bench_remote import FreshChunks, MiB, _summary, _timed, median_run, print_size, write_results  # noqa: E402
+from bench_remote import FreshChunks, MiB, _summary, _timed, median_run, print_size, size_args, write_results  # noqa: E402
 from kvpipe.config import Config  # noqa: E402
 from kvpipe.connectors.mooncake import MooncakeConnector, load_store_class  # noqa: E402
 from kvpipe.keys import KeyPrefix  # noqa: E402
@@ -170,13 +169,7 @@ async def bench_size(url: str, size: int, iters: int, warmup: int) -> dict[str, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="few iterations, 4 MiB only (a smoke run)")
-    ap.add_argument("--sizes", default="4,32", help="chunk sizes in MiB (default 4,32)")
-    ap.add_argument("--iters", type=int, default=None, help="timed iterations per method and size")
-    ap.add_argument("--repeat", type=int, default=3, help="full runs per size; ratios are medians (default 3)")
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "mooncake.json"))
-    args = ap.parse_args(argv)
+    args = size_args(__doc__, "mooncake.json").parse_args(argv)
     why = mooncake_missing()
     if why is not None:
         print(why, file=sys.stderr)

@@ -462,6 +462,17 @@ async def bench_size(size: int, iters: int, warmup: int, redis_port: int, lm_url
     return out
 
 
+def size_args(doc: str | None, out_name: str) -> argparse.ArgumentParser:
+    """The options the chunk-size benchmarks share: --quick, --sizes, --iters, --repeat, --out."""
+    ap = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="few iterations, 4 MiB only (a smoke run)")
+    ap.add_argument("--sizes", default="4,32", help="chunk sizes in MiB (default 4,32)")
+    ap.add_argument("--iters", type=int, default=None, help="timed iterations per method and size")
+    ap.add_argument("--repeat", type=int, default=3, help="full runs per size; ratios are medians (default 3)")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / out_name))
+    return ap
+
+
 def median_run(runs: list[dict[str, Any]], by: str) -> dict[str, Any]:
     """The run whose ratio ``by`` is the median, with every ratio replaced by its median over the runs (and the
     per-run ratios kept as ``ratios_per_run``): run-to-run spread on this VM is larger than within a run."""
@@ -513,15 +524,10 @@ def _pin(pid: int, cpus: set[int]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="few iterations, 4 MiB only (a smoke run)")
-    ap.add_argument("--sizes", default="4,32", help="chunk sizes in MiB (default 4,32)")
-    ap.add_argument("--iters", type=int, default=None, help="timed iterations per method and size")
-    ap.add_argument("--repeat", type=int, default=3, help="full runs per size; ratios are medians (default 3)")
+    ap = size_args(__doc__, "remote.json")
     ap.add_argument("--batch", type=int, default=8,
                     help="chunks per get_many/put_many in the batch phase (the pipelines' sub-batch; 1: none)")
     ap.add_argument("--no-pin", action="store_true", help="do not pin the servers and this client to separate cores")
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "remote.json"))
     args = ap.parse_args(argv)
     sizes = [4] if args.quick else [int(x) for x in args.sizes.split(",")]
     if args.quick:

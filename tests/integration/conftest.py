@@ -140,26 +140,25 @@ def fresh_sentinel(tmp_path: Path) -> Iterator[ValkeySentinel]:
     topo.stop()
 
 
-@pytest.fixture(scope="session")
-def mooncake(servers_dir: Path) -> Iterator[MooncakeStore]:
-    """A Mooncake Store: ``mooncake_master`` and one ``mooncake_client`` storage node (shared)."""
+def _mooncake_in(workdir: Path) -> Iterator[MooncakeStore]:
     why = mooncake_missing()
     if why is not None:
         pytest.skip(why)
-    store = mooncake_store(servers_dir / "mooncake")
+    store = mooncake_store(workdir)
     yield store
     store.stop()
+
+
+@pytest.fixture(scope="session")
+def mooncake(servers_dir: Path) -> Iterator[MooncakeStore]:
+    """A Mooncake Store: ``mooncake_master`` and one ``mooncake_client`` storage node (shared)."""
+    yield from _mooncake_in(servers_dir / "mooncake")
 
 
 @pytest.fixture
 def fresh_mooncake(tmp_path: Path) -> Iterator[MooncakeStore]:
     """A Mooncake Store of this test's own, free to kill or stop."""
-    why = mooncake_missing()
-    if why is not None:
-        pytest.skip(why)
-    store = mooncake_store(tmp_path / "mooncake")
-    yield store
-    store.stop()
+    yield from _mooncake_in(tmp_path / "mooncake")
 
 
 @pytest.fixture(params=REMOTE_KINDS)
