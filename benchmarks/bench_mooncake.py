@@ -42,6 +42,8 @@ from kvpipe.serde.naive import NaiveSerde  # noqa: E402
 from kvpipe.tiers.base import TierContext  # noqa: E402
 from kvpipe.tiers.remote import RemoteTier, open_remote_tier  # noqa: E402
 
+BATCH = 4  # chunks per get_many/put_many in the batch methods (the connector's default number of transfer buffers)
+
 
 class RawMooncake:
     """Mooncake's Python client as an application would use it directly, on a registered buffer."""
@@ -53,10 +55,12 @@ class RawMooncake:
         rc = self.store.setup(s.local_hostname, s.metadata_server, 0, 4 * size + s.local_buffer_size, s.protocol,
                               s.device_name, s.master)
         assert rc == 0, f"setup failed: {rc}"
-        self.mem = mmap.mmap(-1, 2 * size)
-        self._c = (ctypes.c_char * (2 * size)).from_buffer(self.mem)
+        # [source value | GET destination | BATCH batch GET destinations]
+        total = (2 + BATCH) * size
+        self.mem = mmap.mmap(-1, total)
+        self._c = (ctypes.c_char * total).from_buffer(self.mem)
         self.ptr = ctypes.addressof(self._c)
-        assert self.store.register_buffer(self.ptr, 2 * size) == 0
+        assert self.store.register_buffer(self.ptr, total) == 0
         self.size = size
 
     def fill(self, data: memoryview) -> None:
@@ -69,6 +73,15 @@ class RawMooncake:
     def get_into(self, key: str) -> None:
         n = self.store.get_into(key, self.ptr + self.size, self.size)
         assert n == self.size, n
+
+    def batch_put_from(self, keys: list[str]) -> None:
+        rcs = self.store.batch_put_from(keys, [self.ptr] * len(keys), [self.size] * len(keys))
+        assert list(rcs) == [0] * len(keys), rcs
+
+    def batch_get_into(self, keys: list[str]) -> None:
+        ns = self.store.batch_get_into(keys, [self.ptr + (2 + i) * self.size for i in range(len(keys))],
+                                       [self.size] * len(keys))
+        assert list(ns) == [self.size] * len(keys), ns
 
     def close(self) -> None:
         self.store.unregister_buffer(self.ptr)
@@ -83,9 +96,12 @@ async def bench_size(url: str, size: int, iters: int, warmup: int) -> dict[str, 
     raw = RawMooncake(url, size)
     raw.fill(data)
     k = KeyPrefix("bench", f"mc{size}", 1, 0, "float32").key("cd" * 32)
-    ctx = TierContext(Config(blocking_timeout_secs=30), create_pool(2 * size + MiB), NaiveSerde())
+    ctx = TierContext(Config(blocking_timeout_secs=30), create_pool((2 + BATCH) * size + MiB), NaiveSerde())
     tier: RemoteTier = await open_remote_tier(url, ctx, MooncakeConnector.from_url(url))
     chunks = FreshChunks(kv, 1)
+    batch_chunks = FreshChunks(kv, BATCH)
+    bkeys = [KeyPrefix("bench", f"mcb{size}", 1, 0, "float32").key(f"{i:064x}") for i in range(BATCH)]
+    rbkeys = [f"bench-raw-batch-{size}-{i}" for i in range(BATCH)]
     n_put = [0]
     written: list[str] = []  # keys the PUTs wrote, removed after each round (outside the timing)
 
@@ -104,6 +120,34 @@ async def bench_size(url: str, size: int, iters: int, warmup: int) -> dict[str, 
             assert await tier.put_many([pk], [o]) == 1
         finally:
             o.release()
+
+    async def tier_get_batch() -> None:
+        got = await tier.get_many(bkeys)
+        assert all(g is not None for g in got)
+        for g in got:
+            assert g is not None
+            g.release()
+
+    async def tier_put_batch() -> None:
+        pks = []
+        for _ in range(BATCH):
+            n_put[0] += 1
+            pks.append(KeyPrefix("bench", f"mcput{size}", 1, 0, "float32").key(f"{n_put[0]:064x}"))
+        written.extend(pk.to_string() for pk in pks)
+        objs = batch_chunks.take()
+        try:
+            assert await tier.put_many(pks, objs) == BATCH
+        finally:
+            for o in objs:
+                o.release()
+
+    def raw_put_batch() -> None:
+        ks = []
+        for _ in range(BATCH):
+            n_put[0] += 1
+            ks.append(f"bench-raw-put-{size}-{n_put[0]}")
+        written.extend(ks)
+        raw.batch_put_from(ks)
 
     def raw_put() -> None:
         n_put[0] += 1
@@ -131,12 +175,26 @@ async def bench_size(url: str, size: int, iters: int, warmup: int) -> dict[str, 
         "mooncake_get_bytes": lambda: raw.store.get(rkey),
         "mooncake_put_bytes": raw_put_bytes,
     }
+    batched = size <= 8 * MiB  # (at 32 MiB Mooncake's own batch_get_into of 4 answered -707 here)
+    if batched:
+        methods.update({
+            f"tier_get_x{BATCH}": tier_get_batch,
+            f"tier_put_x{BATCH}": tier_put_batch,
+            f"mooncake_batch_get_into_x{BATCH}": lambda: raw.batch_get_into(rbkeys),
+            f"mooncake_batch_put_from_x{BATCH}": raw_put_batch,
+        })
     samples: dict[str, list[tuple[float, float]]] = {m: [] for m in methods}
     gc.collect()
     gc.freeze()
     (o,) = chunks.take()
     assert await tier.put_many([k], [o]) == 1
     o.release()
+    if batched:
+        objs = batch_chunks.take()
+        assert await tier.put_many(bkeys, objs) == BATCH
+        for o in objs:
+            o.release()
+        raw.batch_put_from(rbkeys)
     for fn in methods.values():
         for _ in range(warmup):
             await _timed(fn)
@@ -147,11 +205,12 @@ async def bench_size(url: str, size: int, iters: int, warmup: int) -> dict[str, 
             for _ in range(per_round):
                 samples[m].append(await _timed(fn))
             clean()
-    out: dict[str, Any] = {m: _summary(v, size) for m, v in samples.items()}
+    out: dict[str, Any] = {m: _summary(v, size * (BATCH if m.endswith(f"_x{BATCH}") else 1))
+                           for m, v in samples.items()}
     (got,) = await tier.get_many([k])
     assert got is not None and torch.equal(got.tensor, kv), "the tier read back different KV"
     got.release()
-    raw.store.batch_remove([rkey, k.to_string()], True)
+    raw.store.batch_remove([rkey, k.to_string(), *rbkeys, *(b.to_string() for b in bkeys)], True)
     await tier.aclose()
     raw.close()
     gc.unfreeze()
@@ -165,6 +224,11 @@ async def bench_size(url: str, size: int, iters: int, warmup: int) -> dict[str, 
         "tier_get_vs_get_bytes": ratio("tier_get", "mooncake_get_bytes"),
         "tier_put_vs_put_bytes": ratio("tier_put", "mooncake_put_bytes"),
     }
+    if batched:
+        out["ratios"][f"tier_get_x{BATCH}_vs_batch_get_into"] = ratio(f"tier_get_x{BATCH}",
+                                                                     f"mooncake_batch_get_into_x{BATCH}")
+        out["ratios"][f"tier_put_x{BATCH}_vs_batch_put_from"] = ratio(f"tier_put_x{BATCH}",
+                                                                     f"mooncake_batch_put_from_x{BATCH}")
     return out
 
 

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import anyio
 import pytest
+import torch
 from mooncake_servers import MooncakeStore
-from remote_fixtures import chunk, key, make_ctx, open_tier, read_checked
+from remote_fixtures import SHAPE, chunk, chunk_tensor, key, make_ctx, open_tier, read_checked, release_all
 
 from kvpipe.config import Config
 from kvpipe.connectors.inspect import inspect_remote
@@ -85,6 +86,53 @@ async def test_inspect_lists_and_deletes_by_model(mooncake: MooncakeStore, key_m
     report = await inspect_remote(mooncake.url, Config(), model=key_model, delete=True)
     assert report["deleted"] == 4
     assert (await inspect_remote(mooncake.url, Config(), model=key_model))["chunks"] == 0
+
+
+async def test_batches_bigger_than_the_transfer_slots_and_chunks_bigger_than_a_staging_buffer(
+        mooncake: MooncakeStore, key_model: str) -> None:
+    # Two staging buffers: a batch of 7 goes in groups; entries of 6 MiB outgrow the 4 MiB first guess (Mooncake
+    # answers "buffer too small" and the entry is read again into a grown buffer).
+    tier = await open_tier(mooncake.url + "&max_transfers=2", make_ctx(pool_bytes=96 << 20))
+    reader = await open_tier(mooncake.url + "&max_transfers=2", make_ctx(pool_bytes=96 << 20))  # fresh buffers
+    big = (2, 2, 16, 64, 384)  # 6 MiB of float32
+    try:
+        keys = [key(key_model, i) for i in range(7)]
+        shapes = [big if i in (1, 4) else SHAPE for i in range(7)]
+        stored = [i for i in range(7) if i != 5]  # 5 stays a miss
+        assert await tier.put_many([keys[i] for i in stored], [chunk(i, shapes[i]) for i in stored]) == 6
+        got = await reader.get_many(keys)
+        try:
+            for i, g in enumerate(got):
+                if i == 5:
+                    assert g is None
+                else:
+                    assert g is not None and torch.equal(g.tensor, chunk_tensor(i, shapes[i])), f"chunk {i}"
+        finally:
+            release_all(got)
+        assert reader.statistics().corrupt == 0
+    finally:
+        await tier.aclose()
+        await reader.aclose()
+
+
+async def test_a_batch_of_big_chunks(mooncake: MooncakeStore, key_model: str) -> None:
+    # 4 x 16 MiB: read first into short buffers (each grown and read again), then as one batch.
+    shape = (2, 2, 16, 128, 512)  # 16 MiB of float32
+    tier = await open_tier(mooncake.url, make_ctx(pool_bytes=80 << 20))
+    reader = await open_tier(mooncake.url, make_ctx(pool_bytes=80 << 20))
+    try:
+        keys = [key(key_model, i) for i in range(4)]
+        assert await tier.put_many(keys, [chunk(i, shape) for i in range(4)]) == 4
+        for _ in range(2):  # the first read grows the reader's buffers (4 MiB at first); the second is one batch
+            got = await reader.get_many(keys)
+            try:
+                assert all(g is not None and torch.equal(g.tensor, chunk_tensor(i, shape))
+                           for i, g in enumerate(got))
+            finally:
+                release_all(got)
+    finally:
+        await tier.aclose()
+        await reader.aclose()
 
 
 async def test_a_killed_storage_node_makes_misses_not_errors(fresh_mooncake: MooncakeStore, key_model: str) -> None:
