@@ -19,7 +19,7 @@ from kvpipe.config import Config
 from kvpipe.connectors.inspect import inspect_remote
 from kvpipe.connectors.mooncake import MooncakeConnector, parse_size
 from kvpipe.connectors.plugin import connector_for_url
-from kvpipe.errors import ConfigError
+from kvpipe.errors import ConfigError, TierUnavailable
 
 
 def test_settings_precedence_and_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -205,6 +205,16 @@ async def test_master_down_at_start_then_up(fresh_mooncake: MooncakeStore, key_m
         assert tier.available
     finally:
         await tier.aclose()
+
+
+async def test_a_setup_refused_for_lack_of_slots_does_not_block_later_ones(mooncake: MooncakeStore) -> None:
+    c = MooncakeConnector.from_url(mooncake.url)
+    c._control = 4  # as if four earlier calls were stuck waiting on Mooncake
+    with pytest.raises(TierUnavailable, match="still waiting on Mooncake"):
+        await c.ping()
+    c._control = 0
+    await c.ping()  # not "still connecting": the refused setup never started
+    await c.aclose()
 
 
 async def test_a_hung_storage_node_costs_at_most_the_deadline(fresh_mooncake: MooncakeStore, key_model: str) -> None:

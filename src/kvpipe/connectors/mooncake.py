@@ -13,12 +13,15 @@ lends no memory, so its chunks outlive it), ``local_buffer_size`` (16 MiB), ``ad
 ``-metrics_port``, 9003: ``kvpipe inspect`` lists keys through its ``/get_all_keys``). Sizes take bytes or
 ``"256MB"``-style strings.
 
-The Mooncake client blocks (and waits up to 30 s on a hung node or master), so every call runs in a worker
-thread. A call the tier's deadline gives up on keeps its thread, which may still write; so payloads never travel
-between Mooncake and pool memory directly: each transfer goes through a staging buffer this connector owns (one
-per concurrent transfer, registered with Mooncake for RDMA), busy until its thread returns. The copy costs
-~0.5 ms per 4 MiB, small beside a Mooncake TCP transfer. Threads stuck on a dead remote are bounded: when every
-staging buffer (or every control call slot) is held by one, calls fail as unavailable at once.
+The Mooncake client blocks (and waits up to 30 s on a hung node or master), so every call runs in a daemon thread
+(never joined at exit). A call the tier's deadline gives up on keeps its thread, which may still write; so
+payloads never travel between Mooncake and pool memory directly: each entry goes through a staging buffer this
+connector owns (``?max_transfers=N`` of them, 4 by default, registered with Mooncake for RDMA), busy until its
+thread returns. A batch moves as one ``batch_get_into``/``batch_put_from`` per group of free buffers. The copy
+costs ~0.5 ms per 4 MiB, small beside a Mooncake TCP transfer. Threads stuck on a dead remote are bounded: when
+every staging buffer (or every control call slot) is held by one, calls fail as unavailable at once. The client
+is set up once, after a plain connect to the master (Mooncake's own setup against a master that is down retries
+for ~90 s), and kept across outages: it reconnects to a restarted master by itself.
 """
 
 from __future__ import annotations
@@ -115,6 +118,10 @@ def _route_address(host: str, port: int) -> str:
             return str(s.getsockname()[0])
     except OSError:
         return "127.0.0.1"
+
+
+class _Busy(TierUnavailable):
+    """Every control call slot is held by a call still waiting on Mooncake (nothing was started)."""
 
 
 async def _in_daemon_thread(fn: Callable[[], T]) -> T:
@@ -324,13 +331,18 @@ class MooncakeConnector:
             finally:
                 with self._lock:
                     self._setting_up = False
-        return await self._control_call(setup)
+        try:
+            return await self._control_call(setup)
+        except _Busy:  # refused before a thread started: no setup is running
+            with self._lock:
+                self._setting_up = False
+            raise
 
     async def _control_call(self, fn: Callable[[], T]) -> T:
         """``fn()`` in a worker thread that a deadline may abandon (it then runs on, holding a control slot)."""
         with self._lock:
             if self._control >= _CONTROL_SLOTS:
-                raise TierUnavailable(f"{self._safe_url}: {_CONTROL_SLOTS} earlier calls are still waiting on "
+                raise _Busy(f"{self._safe_url}: {_CONTROL_SLOTS} earlier calls are still waiting on "
                                       "Mooncake")
             self._control += 1
 
