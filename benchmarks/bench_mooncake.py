@@ -174,27 +174,22 @@ async def bench_size(url: str, size: int, iters: int, warmup: int) -> dict[str, 
         "mooncake_put_from": raw_put,
         "mooncake_get_bytes": lambda: raw.store.get(rkey),
         "mooncake_put_bytes": raw_put_bytes,
+        f"tier_get_x{BATCH}": tier_get_batch,
+        f"tier_put_x{BATCH}": tier_put_batch,
+        f"mooncake_batch_get_into_x{BATCH}": lambda: raw.batch_get_into(rbkeys),
+        f"mooncake_batch_put_from_x{BATCH}": raw_put_batch,
     }
-    batched = size <= 8 * MiB  # (at 32 MiB Mooncake's own batch_get_into of 4 answered -707 here)
-    if batched:
-        methods.update({
-            f"tier_get_x{BATCH}": tier_get_batch,
-            f"tier_put_x{BATCH}": tier_put_batch,
-            f"mooncake_batch_get_into_x{BATCH}": lambda: raw.batch_get_into(rbkeys),
-            f"mooncake_batch_put_from_x{BATCH}": raw_put_batch,
-        })
     samples: dict[str, list[tuple[float, float]]] = {m: [] for m in methods}
     gc.collect()
     gc.freeze()
     (o,) = chunks.take()
     assert await tier.put_many([k], [o]) == 1
     o.release()
-    if batched:
-        objs = batch_chunks.take()
-        assert await tier.put_many(bkeys, objs) == BATCH
-        for o in objs:
-            o.release()
-        raw.batch_put_from(rbkeys)
+    objs = batch_chunks.take()
+    assert await tier.put_many(bkeys, objs) == BATCH
+    for o in objs:
+        o.release()
+    raw.batch_put_from(rbkeys)
     for fn in methods.values():
         for _ in range(warmup):
             await _timed(fn)
@@ -223,12 +218,9 @@ async def bench_size(url: str, size: int, iters: int, warmup: int) -> dict[str, 
         "tier_put_vs_put_from": ratio("tier_put", "mooncake_put_from"),
         "tier_get_vs_get_bytes": ratio("tier_get", "mooncake_get_bytes"),
         "tier_put_vs_put_bytes": ratio("tier_put", "mooncake_put_bytes"),
+        f"tier_get_x{BATCH}_vs_batch_get_into": ratio(f"tier_get_x{BATCH}", f"mooncake_batch_get_into_x{BATCH}"),
+        f"tier_put_x{BATCH}_vs_batch_put_from": ratio(f"tier_put_x{BATCH}", f"mooncake_batch_put_from_x{BATCH}"),
     }
-    if batched:
-        out["ratios"][f"tier_get_x{BATCH}_vs_batch_get_into"] = ratio(f"tier_get_x{BATCH}",
-                                                                     f"mooncake_batch_get_into_x{BATCH}")
-        out["ratios"][f"tier_put_x{BATCH}_vs_batch_put_from"] = ratio(f"tier_put_x{BATCH}",
-                                                                     f"mooncake_batch_put_from_x{BATCH}")
     return out
 
 

@@ -117,7 +117,7 @@ def mooncake_store(workdir: Path, segment: str = "256MB") -> MooncakeStore:
     master = _HttpReady([str(d / "mooncake_master"), f"-rpc_port={rpc}", "-rpc_address=127.0.0.1",
                          "-enable_http_metadata_server=true", f"-http_metadata_server_port={http}",
                          "-http_metadata_server_host=127.0.0.1", f"-metrics_port={admin}", "-metrics_host=127.0.0.1",
-                         "-default_kv_lease_ttl=100", "-client_ttl=3", "-enable_metric_reporting=false"],
+                         "-client_ttl=3", "-enable_metric_reporting=false"],
                         admin, workdir, "mooncake-master")
     master.start()
     node = _TcpReady([str(d / "mooncake_client"), "-host=127.0.0.1", f"-port={node_port}",

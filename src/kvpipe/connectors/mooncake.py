@@ -470,9 +470,9 @@ class MooncakeConnector:
         if len(keys) == 1:
             return [alone(0)]
         ns = [int(n) for n in store.batch_get_into(keys, [st.ptr for st in sts], [st.size for st in sts])]
-        # What the batch could not read is read alone: a short buffer, or another per-entry error (Mooncake 0.3.13
-        # answered -707 for every entry of a batch_get_into of 4 x 16 MiB into one registered region in
-        # bench_mooncake, while each alone read fine); a miss or an unreachable master is not retried.
+        # What the batch could not read is read alone: a short buffer, or another per-entry error, such as -707
+        # (LEASE_EXPIRED: the batch outlasted the objects' read lease; seen with a 100 ms lease and 4 x 16 MiB);
+        # a miss or an unreachable master is not retried.
         return [alone(j) if n < 0 and n != _NOT_FOUND and n not in _RPC_FAIL else n for j, n in enumerate(ns)]
 
     async def put_many(self, items: Sequence[Entry]) -> int:
@@ -567,6 +567,6 @@ class MooncakeConnector:
             for st in self._staging:
                 st.release(store)
             try:
-                await anyio.to_thread.run_sync(store.close)
+                await _in_daemon_thread(store.close)
             except Exception as exc:
                 log.debug("%s: close failed: %s", self._safe_url, exc)
