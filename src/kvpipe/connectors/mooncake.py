@@ -127,9 +127,9 @@ class _Busy(TierUnavailable):
 async def _in_daemon_thread(fn: Callable[[], T]) -> T:
     """``fn()`` in a daemon thread of its own; the caller may be cancelled (the thread then runs on, abandoned).
 
-    Not anyio's worker threads: those are joined at interpreter exit, so a Mooncake call stuck on a hung node
-    (30 s) or a master that is gone (``setup`` retries for ~60 s) would hold up the engine's shutdown. The thread
-    wakes the waiting task through a pipe, which works on every anyio backend.
+    Not anyio's worker threads: those are joined at interpreter exit, so a Mooncake call stuck on a hung node or
+    master (30 s), or a ``setup`` whose master went away (it retries for ~90 s), would hold up the engine's
+    shutdown. The thread wakes the waiting task through a pipe, which works on every anyio backend.
     """
     r, w = os.pipe()
     box: list[tuple[bool, Any]] = []
