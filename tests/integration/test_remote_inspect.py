@@ -13,7 +13,7 @@ from kvpipe.config import Config
 from kvpipe.connectors.inspect import inspect_remote
 
 
-@pytest.mark.parametrize("kind", ["redis", "cluster", "lm", "mock"])
+@pytest.mark.parametrize("kind", ["redis", "cluster", "lm", "mooncake", "mock"])
 async def test_inspect_list_and_delete_by_model(kind: str, request: pytest.FixtureRequest, key_model: str) -> None:
     url = url_for(kind, request)
     tier = await open_tier(url)

@@ -82,7 +82,8 @@ async def test_inspect_lists_and_deletes_by_model(mooncake: MooncakeStore, key_m
     finally:
         await tier.aclose()
     report = await inspect_remote(mooncake.url, Config(), model=key_model)
-    assert report["chunks"] == 4 and report["groups"][0]["model"] == key_model and report["bytes"] == 0
+    assert report["chunks"] == 4 and report["groups"][0]["model"] == key_model
+    assert report["bytes"] == 4 * (4096 + 80)  # header + payload of each 4 KiB chunk
     report = await inspect_remote(mooncake.url, Config(), model=key_model, delete=True)
     assert report["deleted"] == 4
     assert (await inspect_remote(mooncake.url, Config(), model=key_model))["chunks"] == 0

@@ -541,6 +541,19 @@ class MooncakeConnector:
             raise TierUnavailable(f"{self._safe_url}: cannot list keys at {url}: {exc}") from None
         return [k for k in text.split() if fnmatch.fnmatchcase(k, pattern)]
 
+    async def list_entries(self, pattern: str) -> list[tuple[str, int]]:
+        """``(key, stored bytes)`` for entries matching the glob ``pattern`` (sizes asked of the master one key at a
+        time, in one worker thread; an entry gone in between is left out)."""
+        keys = await self.list_keys(pattern)
+        if not keys:
+            return []
+        store = await self._get_store()
+        sizes = await self._control_call(lambda: [int(store.get_size(k)) for k in keys])
+        for rc in sizes:
+            if rc < 0:
+                self._check(rc, "size", self._safe_url)
+        return [(k, n) for k, n in zip(keys, sizes, strict=True) if n >= 0]
+
     async def ping(self) -> None:
         """A master round trip (``health_check`` does not ask the master, so this asks whether a key exists).
 
