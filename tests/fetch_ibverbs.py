@@ -74,8 +74,9 @@ def main(argv: list[str]) -> int:
         for pkg, path, sha in PACKAGES:
             with _deb_data(_fetch(pkg, path, sha)) as tar:
                 members = [m for m in tar.getmembers() if ".so" in m.name and (m.isfile() or m.issym())]
-                tar.extractall(dest, members=members, filter="data")
-    except (OSError, ValueError, subprocess.SubprocessError, StopIteration) as exc:
+                safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.11.4
+                tar.extractall(dest, members=members, **safe)  # type: ignore[arg-type]
+    except Exception as exc:  # never fail the test run: the Mooncake tests skip instead
         print(f"fetch_ibverbs: could not get libibverbs ({exc}); the Mooncake tests will skip", file=sys.stderr)
         return 0
     print(f"fetch_ibverbs: libibverbs under {dest}")
