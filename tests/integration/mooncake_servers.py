@@ -97,11 +97,6 @@ class MooncakeStore:
             time.sleep(0.05)
         raise RuntimeError(f"the Mooncake node never mounted its segment:\n{self.node.log_tail()}")
 
-    def restart_master(self) -> None:
-        """Stop the master (its objects and segments are forgotten) and start it again on the same ports."""
-        self.master.stop()
-        self.master.start()
-
     def stop(self) -> None:
         """Stop both processes."""
         self.node.stop()

@@ -46,7 +46,7 @@ import attrs
 from kvpipe.connectors.base import Entry, GetResult, ReadInto
 from kvpipe.connectors.urlopts import host_port, number_opt, split_url
 from kvpipe.errors import ConfigError, TierError, TierUnavailable
-from kvpipe.serde.entry import HEADER_SIZE
+from kvpipe.serde.entry import HEADER_SIZE, payload_checksum
 
 __all__ = ["MooncakeConnector", "MooncakeSettings", "load_store_class"]
 
@@ -399,10 +399,10 @@ class MooncakeConnector:
             for st in sts:
                 st.busy = False
 
-    @staticmethod
-    def _check(rc: int, what: str, url: str) -> None:
+    def _check(self, rc: int, what: str) -> None:
+        """:raises TierUnavailable: when ``rc`` says the master cannot be reached."""
         if rc in _RPC_FAIL:
-            raise TierUnavailable(f"{url}: {what}: the Mooncake master cannot be reached ({rc})")
+            raise TierUnavailable(f"{self._safe_url}: {what}: the Mooncake master cannot be reached ({rc})")
 
     # -- the connector contract ---------------------------------------------------------------------------------
     async def exists_many(self, keys: Sequence[str]) -> list[bool]:
@@ -413,13 +413,13 @@ class MooncakeConnector:
         rcs = await self._control_call(lambda: list(store.batch_is_exist(list(keys))))
         for rc in rcs:
             if rc < 0:
-                self._check(rc, "exists", self._safe_url)
+                self._check(rc, "exists")
                 raise TierError(f"{self._safe_url}: exists failed ({rc})")
         return [rc == 1 for rc in rcs]
 
     async def get_many(self, keys: Sequence[str], read_into: ReadInto) -> list[GetResult | None]:
-        """Entries read into staging buffers (one ``batch_get_into`` per group of free buffers), then each payload
-        copied into ``read_into(header)``'s buffer."""
+        """Entries read into staging buffers (one ``batch_get_into`` per group of free buffers) and their payloads
+        hashed there, in the worker thread; then each payload copied into ``read_into(header)``'s buffer."""
         out: list[GetResult | None] = []
         if not keys:
             return out
@@ -427,17 +427,19 @@ class MooncakeConnector:
         while len(out) < len(keys):
             sts = await self._slots(len(keys) - len(out))
             group = list(keys[len(out) : len(out) + len(sts)])
-            ns = await self._transfer(sts, functools.partial(self._get_blocking, store, group, sts))
+            got = await self._transfer(sts, functools.partial(self._get_hashed, store, group, sts))
             try:
-                out += [self._unpack(k, n, st, read_into) for k, n, st in zip(group, ns, sts, strict=True)]
+                out += [self._unpack(k, n, csum, st, read_into)
+                        for k, (n, csum), st in zip(group, got, sts, strict=True)]
             finally:
                 self._free(sts)
         return out
 
-    def _unpack(self, key: str, n: int, st: _Staging, read_into: ReadInto) -> GetResult | None:
-        """The result of a get that returned ``n`` (an object size or an error code) into ``st``."""
+    def _unpack(self, key: str, n: int, csum: int | None, st: _Staging, read_into: ReadInto) -> GetResult | None:
+        """The result of a get that returned ``n`` (an object size or an error code) into ``st``; ``csum``: the
+        payload's checksum, when there is a payload."""
         if n < 0:
-            self._check(n, "get", self._safe_url)
+            self._check(n, "get")
             if n not in (_NOT_FOUND, _TRANSFER_FAIL):
                 log.debug("%s: get %s failed (%d)", self._safe_url, key, n)
             return None
@@ -451,7 +453,15 @@ class MooncakeConnector:
             return hb, _EMPTY
         view = buf[:rest]
         view.cast("B")[:] = data[HEADER_SIZE:n]
-        return hb, view
+        return (hb, view) if csum is None else (hb, view, csum)
+
+    @classmethod
+    def _get_hashed(cls, store: Any, keys: list[str], sts: list[_Staging]) -> list[tuple[int, int | None]]:
+        """:meth:`_get_blocking`, and each payload's xxh3 computed right there, off the event loop (the tier then
+        does not hash the copy again)."""
+        ns = cls._get_blocking(store, keys, sts)
+        return [(n, payload_checksum(st.view(n)[HEADER_SIZE:]) if n > HEADER_SIZE else None)
+                for n, st in zip(ns, sts, strict=True)]
 
     @staticmethod
     def _get_blocking(store: Any, keys: list[str], sts: list[_Staging]) -> list[int]:
@@ -503,14 +513,11 @@ class MooncakeConnector:
                 if len(keys) == 1:
                     return [int(store.put_from(keys[0], sts[0].ptr, sizes[0]))]
                 return [int(rc) for rc in store.batch_put_from(keys, [st.ptr for st in sts], sizes)]
-            try:
-                rcs = await self._transfer(sts, put)
-            finally:
-                if not any(st.abandoned for st in sts):
-                    self._free(sts)
+            rcs = await self._transfer(sts, put)  # when it raises, _transfer has dealt with the buffers
+            self._free(sts)
             for (key, _, _), rc in zip(group, rcs, strict=True):
                 if rc < 0:
-                    self._check(rc, "put", self._safe_url)
+                    self._check(rc, "put")
                     if rc != _NO_SPACE:
                         log.debug("%s: put %s failed (%d)", self._safe_url, key, rc)
                     continue
@@ -524,7 +531,7 @@ class MooncakeConnector:
         store = await self._get_store()
         rcs = await self._control_call(lambda: list(store.batch_remove(list(keys), True)))
         for rc in rcs:
-            self._check(rc, "delete", self._safe_url)
+            self._check(rc, "delete")
         return sum(1 for rc in rcs if rc == 0)
 
     async def list_keys(self, pattern: str) -> list[str]:
@@ -551,7 +558,7 @@ class MooncakeConnector:
         sizes = await self._control_call(lambda: [int(store.get_size(k)) for k in keys])
         for rc in sizes:
             if rc < 0:
-                self._check(rc, "size", self._safe_url)
+                self._check(rc, "size")
         return [(k, n) for k, n in zip(keys, sizes, strict=True) if n >= 0]
 
     async def ping(self) -> None:
@@ -561,7 +568,7 @@ class MooncakeConnector:
         store = await self._get_store()
         rc = (await self._control_call(lambda: list(store.batch_is_exist(["kvpipe-ping"]))))[0]
         if rc < 0:
-            self._check(rc, "ping", self._safe_url)
+            self._check(rc, "ping")
             raise TierUnavailable(f"{self._safe_url}: ping failed ({rc})")
 
     def reset(self) -> None:
