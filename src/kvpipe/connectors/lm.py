@@ -27,6 +27,7 @@ from kvpipe.lm.protocol import (
     Op,
     Status,
     decode_entries,
+    encode_frame,
     encode_keys,
     parse_metrics,
 )
@@ -71,7 +72,7 @@ class LmConnector:
         try:
             if self.auth_token is not None:
                 tok = self.auth_token.encode()
-                await io.send_all([Frame(Op.AUTH, next(self._ids), len(tok)).to_bytes(), tok])
+                await io.send_all([encode_frame(Op.AUTH, next(self._ids), len(tok)), tok])
                 reply = await self._read_frame(io)
                 if reply.status != Status.OK:
                     raise TierUnavailable(f"{self._safe_url}: authentication rejected ({reply.status.name})")
@@ -103,7 +104,7 @@ class LmConnector:
     async def _simple(self, op: Op, key: str = "", payload: bytes = b"") -> tuple[Frame, bytes]:
         kb = key.encode()
         async with self._conn() as io:
-            await io.send_all([Frame(op, next(self._ids), len(kb), len(payload)).to_bytes(), kb, payload])
+            await io.send_all([encode_frame(op, next(self._ids), len(kb), len(payload)), kb, payload])
             f = await self._read_frame(io)
             body = await io.read_exactly(f.payload_len) if f.payload_len else b""
         if f.status in (Status.UNAUTHORIZED,):
@@ -135,7 +136,7 @@ class LmConnector:
                 kb = k.encode()
                 rid = next(self._ids)
                 ids.append(rid)
-                bufs += [Frame(Op.GET, rid, len(kb)).to_bytes(), kb]
+                bufs += [encode_frame(Op.GET, rid, len(kb)), kb]
             await io.send_all(bufs)
             for rid in ids:
                 f = await self._read_frame(io)
@@ -181,7 +182,7 @@ class LmConnector:
                 kb = key.encode()
                 rid = next(self._ids)
                 ids.append(rid)
-                await io.send_all([Frame(Op.PUT, rid, len(kb), len(header) + len(payload)).to_bytes(), kb, header,
+                await io.send_all([encode_frame(Op.PUT, rid, len(kb), len(header) + len(payload)), kb, header,
                                    payload])
                 item = await anext(items, None)
             for rid in ids:

@@ -45,6 +45,7 @@ __all__ = [
     "decode_entries",
     "decode_keys",
     "encode_entries",
+    "encode_frame",
     "encode_keys",
     "parse_metrics",
 ]
@@ -53,6 +54,7 @@ MAGIC = b"KVLM"
 VERSION = 1
 _BODY = struct.Struct("<4sBBBBQIQ")
 _CRC = struct.Struct("<I")
+_WIRE = struct.Struct("<4sBBBBQIQI")  # _BODY then _CRC
 FRAME_SIZE = _BODY.size + _CRC.size
 MAX_KEY_LEN = 4096
 # Payload bound for every op but PUT (whose bound is the server's --max-frame) and the batch ops' key lists.
@@ -88,6 +90,18 @@ class Status(enum.IntEnum):
     NO_SPACE = 6
 
 
+_OPS = {int(o): o for o in Op}
+_STATUSES = {int(s): s for s in Status}
+
+
+def encode_frame(op: Op, request_id: int, key_len: int = 0, payload_len: int = 0, status: Status = Status.OK,
+                 flags: int = 0) -> bytes:
+    """The 32-byte wire form of a frame header (:meth:`Frame.to_bytes` without building a :class:`Frame`: the
+    request and reply paths call this once per message)."""
+    body = _BODY.pack(MAGIC, VERSION, op, status, flags, request_id, key_len, payload_len)
+    return body + _CRC.pack(xxhash.xxh32_intdigest(body))
+
+
 @attrs.frozen
 class Frame:
     """A frame header (the key and payload follow it on the wire)."""
@@ -102,8 +116,8 @@ class Frame:
 
     def to_bytes(self) -> bytes:
         """The 32-byte wire form."""
-        body = _BODY.pack(MAGIC, self.version, int(self.op), int(self.status), self.flags, self.request_id,
-                          self.key_len, self.payload_len)
+        body = _BODY.pack(MAGIC, self.version, self.op, self.status, self.flags, self.request_id, self.key_len,
+                          self.payload_len)
         return body + _CRC.pack(xxhash.xxh32_intdigest(body))
 
     @classmethod
@@ -114,20 +128,16 @@ class Frame:
         """
         if len(data) < FRAME_SIZE:
             raise ProtocolError(f"frame header truncated: {len(data)} of {FRAME_SIZE} bytes")
-        body = bytes(data[: _BODY.size])
-        magic, version, op, status, flags, rid, klen, plen = _BODY.unpack(body)
+        magic, version, op, status, flags, rid, klen, plen, crc = _WIRE.unpack_from(data)
         if magic != MAGIC:
             raise ProtocolError(f"bad frame magic {magic!r}")
-        (crc,) = _CRC.unpack_from(data, _BODY.size)
-        if xxhash.xxh32_intdigest(body) != crc:
+        if xxhash.xxh32_intdigest(memoryview(data)[: _BODY.size]) != crc:
             raise ProtocolError("frame header checksum mismatch")
         if version != VERSION:
             raise ProtocolError(f"unsupported protocol version {version} (this side speaks {VERSION})")
-        try:
-            op_e = Op(op)
-            status_e = Status(status)
-        except ValueError:
-            raise ProtocolError(f"unknown op {op} or status {status}") from None
+        op_e, status_e = _OPS.get(op), _STATUSES.get(status)
+        if op_e is None or status_e is None:
+            raise ProtocolError(f"unknown op {op} or status {status}")
         return cls(op=op_e, request_id=rid, key_len=klen, payload_len=plen, status=status_e, flags=flags,
                    version=version)
 

@@ -32,6 +32,7 @@ from kvpipe.lm.protocol import (
     Status,
     decode_keys,
     encode_entries,
+    encode_frame,
 )
 from kvpipe.memory.pool import HostPool, MemoryObj, create_pool
 
@@ -176,7 +177,7 @@ class LmServer:
 
     @staticmethod
     async def _reply(io: SocketIO, req: Frame, status: Status, payload: bytes | memoryview = b"") -> None:
-        hdr = Frame(op=req.op, request_id=req.request_id, payload_len=len(payload), status=status).to_bytes()
+        hdr = encode_frame(req.op, req.request_id, 0, len(payload), status)
         await io.send_all([hdr, payload])
 
     async def _dispatch(self, io: SocketIO, frame: Frame, key: str) -> None:

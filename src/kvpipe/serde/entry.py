@@ -178,7 +178,7 @@ class EntryHeader:
         if dtype is None or not 1 <= ndim <= 5:
             raise CorruptEntry(f"bad entry dtype code {dcode} or ndim {ndim}")
         shape = (s0, s1, s2, s3, s4)[:ndim]
-        if any(d <= 0 for d in shape):
+        if min(shape) <= 0:
             raise CorruptEntry(f"bad entry shape {shape}")
         try:
             serde_name = serde.rstrip(b"\0").decode("ascii")
