@@ -116,6 +116,36 @@ async def test_batches_bigger_than_the_transfer_slots_and_chunks_bigger_than_a_s
         await reader.aclose()
 
 
+async def test_concurrent_reads_queue_for_one_staging_buffer(mooncake: MooncakeStore, key_model: str) -> None:
+    # One staging buffer, eight concurrent readers: each waits for the buffer (woken when the call before it frees
+    # it), and every one gets its own chunk back, bit-identical.
+    tier = await open_tier(mooncake.url, make_ctx(pool_bytes=32 << 20))
+    reader = await open_tier(mooncake.url + "&max_transfers=1", make_ctx(pool_bytes=32 << 20))
+    try:
+        keys = [key(key_model, i) for i in range(8)]
+        assert await tier.put_many(keys, [chunk(i) for i in range(8)]) == 8
+        ok: list[int] = []
+
+        async def read(i: int) -> None:
+            (g,) = await reader.get_many([keys[i]])
+            assert g is not None
+            try:
+                assert torch.equal(g.tensor, chunk_tensor(i)), f"chunk {i}"
+                ok.append(i)
+            finally:
+                g.release()
+
+        async with anyio.create_task_group() as tg:
+            for i in range(8):
+                tg.start_soon(read, i)
+        assert sorted(ok) == list(range(8))
+        stats = reader.statistics()
+        assert stats.hits == 8 and stats.extra["errors"] == 0 and stats.extra["timeouts"] == 0
+    finally:
+        await tier.aclose()
+        await reader.aclose()
+
+
 async def test_a_batch_of_big_chunks(mooncake: MooncakeStore, key_model: str) -> None:
     # 4 x 16 MiB: read first into short buffers (each grown and read again), then as one batch.
     shape = (2, 2, 16, 128, 512)  # 16 MiB of float32

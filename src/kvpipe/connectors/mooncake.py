@@ -33,6 +33,7 @@ import json
 import logging
 import mmap
 import os
+import queue
 import re
 import socket
 import threading
@@ -61,6 +62,7 @@ _NO_SPACE = -200  # NO_AVAILABLE_HANDLE: no segment has room
 _TRANSFER_FAIL = -800  # the node holding the object did not deliver it (dead or hung node)
 _RPC_FAIL = (-900, -901)  # the master cannot be reached / did not answer
 _CONTROL_SLOTS = 4  # concurrent non-transfer calls (exists, delete, ping, list) before new ones fail fast
+_SLOT_WAIT = 1.0  # seconds a transfer waits while stuck calls hold every staging buffer, then fails
 _EMPTY = memoryview(b"")
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -124,12 +126,64 @@ class _Busy(TierUnavailable):
     """Every control call slot is held by a call still waiting on Mooncake (nothing was started)."""
 
 
+class _DaemonWorkers:
+    """Daemon threads for blocking Mooncake calls, kept for reuse: starting a thread per call cost 360-550 us here,
+    handing a call to an idle worker 85-125 us.
+
+    Each idle worker waits on an inbox of its own and gets exactly the call handed to it (with one shared queue a
+    worker counted idle could take a call meant for a newer one while a 30 s call was still ahead of it). A
+    worker left idle for ``idle_secs`` exits. Concurrent calls, hence threads, are bounded by the connectors'
+    slots; a thread stuck in Mooncake is simply not idle.
+    """
+
+    def __init__(self, idle_secs: float = 30.0) -> None:
+        self.idle_secs = idle_secs
+        self._lock = threading.Lock()
+        self._idle: list[queue.SimpleQueue[Callable[[], None]]] = []
+
+    def submit(self, job: Callable[[], None]) -> None:
+        """Run ``job`` (which must not raise) on an idle worker, or on a new one."""
+        with self._lock:
+            inbox = self._idle.pop() if self._idle else None
+        if inbox is None:
+            threading.Thread(target=self._run, args=(job,), name="kvpipe-mooncake", daemon=True).start()
+        else:
+            inbox.put(job)
+
+    @property
+    def idle(self) -> int:
+        """Workers waiting for a call now."""
+        with self._lock:
+            return len(self._idle)
+
+    def _run(self, job: Callable[[], None]) -> None:
+        inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        while True:
+            try:
+                job()
+            except BaseException:  # pragma: no cover - jobs catch everything themselves
+                log.exception("mooncake worker: a call raised past its handler")
+            with self._lock:
+                self._idle.append(inbox)
+            try:
+                job = inbox.get(timeout=self.idle_secs)
+            except queue.Empty:
+                with self._lock:
+                    if inbox in self._idle:  # nobody handed it a call: done
+                        self._idle.remove(inbox)
+                        return
+                job = inbox.get()  # handed one just now: it is on its way
+
+
+_WORKERS = _DaemonWorkers()
+
+
 async def _in_daemon_thread(fn: Callable[[], T]) -> T:
-    """``fn()`` in a daemon thread of its own; the caller may be cancelled (the thread then runs on, abandoned).
+    """``fn()`` on a daemon worker thread; the caller may be cancelled (the call then runs on, abandoned).
 
     Not anyio's worker threads: those are joined at interpreter exit, so a Mooncake call stuck on a hung node or
     master (30 s), or a ``setup`` whose master went away (it retries for ~90 s), would hold up the engine's
-    shutdown. The thread wakes the waiting task through a pipe, which works on every anyio backend.
+    shutdown. The worker wakes the waiting task through a pipe, which works on every anyio backend.
     """
     r, w = os.pipe()
     box: list[tuple[bool, Any]] = []
@@ -147,7 +201,7 @@ async def _in_daemon_thread(fn: Callable[[], T]) -> T:
             os.close(w)
 
     try:
-        threading.Thread(target=run, name="kvpipe-mooncake", daemon=True).start()
+        _WORKERS.submit(run)
         await anyio.wait_readable(r)
     finally:
         os.close(r)
@@ -246,6 +300,7 @@ class MooncakeConnector:
     _control: int = attrs.field(init=False, default=0)
     _lock: threading.Lock = attrs.field(init=False, factory=threading.Lock)
     _closed: bool = attrs.field(init=False, default=False)
+    _freed: anyio.Event | None = attrs.field(init=False, default=None)  # set when _free frees buffers
 
     def __attrs_post_init__(self) -> None:
         self._staging = [_Staging() for _ in range(self.max_transfers)]
@@ -355,21 +410,28 @@ class MooncakeConnector:
         return await _in_daemon_thread(run)
 
     async def _slots(self, k: int) -> list[_Staging]:
-        """Up to ``k`` free staging buffers, at least one (waits while all are busy with live calls; fails when
-        stuck ones hold them all)."""
-        waited = 0.0
+        """Up to ``k`` free staging buffers, at least one. While live calls hold them all it waits (the tier's
+        deadline bounds that), woken as soon as one of them frees its buffers; when abandoned calls, stuck in
+        Mooncake, have held them all for :data:`_SLOT_WAIT` seconds, it fails at once as unavailable (a buffer
+        freed by such a call's thread is seen at the next look, every 10 ms)."""
+        give_up = anyio.current_time() + _SLOT_WAIT
         while True:
             with self._lock:
                 got = [st for st in self._staging if not st.busy][:k]
                 for st in got:
                     st.busy, st.thread_done, st.abandoned = True, False, False
+                stuck = all(st.abandoned for st in self._staging)
             if got:
                 return got
-            if waited > 1.0:
+            if not stuck:
+                give_up = anyio.current_time() + _SLOT_WAIT
+            elif anyio.current_time() > give_up:
                 raise TierUnavailable(f"{self._safe_url}: every transfer slot is held by a call still waiting on "
                                       "Mooncake")
-            await anyio.sleep(0.002)
-            waited += 0.002
+            if self._freed is None:
+                self._freed = anyio.Event()
+            with anyio.move_on_after(0.01):
+                await self._freed.wait()
 
     async def _transfer(self, sts: list[_Staging], fn: Callable[[], T]) -> T:
         """``fn()`` in a worker thread, with ``sts`` (taken by :meth:`_slots`). On return the caller still owns
@@ -398,6 +460,9 @@ class MooncakeConnector:
         with self._lock:
             for st in sts:
                 st.busy = False
+        if self._freed is not None:  # wake the tasks waiting in _slots
+            self._freed.set()
+            self._freed = None
 
     def _check(self, rc: int, what: str) -> None:
         """:raises TierUnavailable: when ``rc`` says the master cannot be reached."""
