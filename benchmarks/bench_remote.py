@@ -39,6 +39,7 @@ from kvpipe.connectors import sockio  # noqa: E402
 from kvpipe.connectors.lm import LmConnector  # noqa: E402
 from kvpipe.connectors.redis import RedisConnector  # noqa: E402
 from kvpipe.keys import KeyPrefix  # noqa: E402
+from kvpipe.lm.protocol import FRAME_SIZE, Frame, Op, Status, encode_frame  # noqa: E402
 from kvpipe.memory.pool import MemoryObj, create_pool  # noqa: E402
 from kvpipe.serde.entry import payload_checksum  # noqa: E402
 from kvpipe.serde.naive import NaiveSerde  # noqa: E402
@@ -192,6 +193,33 @@ class RawResp:
         self.s.sendall(b"".join(b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(k), k) for k in keys))
         for d in dsts:
             self._bulk(d)
+
+
+class RawLm:
+    """A blocking raw-socket client of the ``lm://`` server itself (its framing, ``sendmsg`` without copies, the
+    payload received with ``recv_into`` straight into the destination): what the ``lm://`` tier adds on top of
+    the socket, against the same server, as :class:`RawResp` is for Redis."""
+
+    def __init__(self, port: int) -> None:
+        self.s = _raw_socket(port)
+        self.hdr = memoryview(bytearray(FRAME_SIZE))
+
+    def put(self, key: bytes, data: memoryview) -> None:
+        self.s.sendmsg([encode_frame(Op.PUT, 1, len(key), len(data)), key, data])
+        self._recv(self.hdr)
+        assert Frame.from_bytes(self.hdr).status == Status.OK
+
+    def get(self, key: bytes, dst: memoryview) -> None:
+        self.s.sendmsg([encode_frame(Op.GET, 2, len(key)), key])
+        self._recv(self.hdr)
+        f = Frame.from_bytes(self.hdr)
+        assert f.status == Status.OK and f.payload_len == len(dst)
+        self._recv(dst)
+
+    def _recv(self, dst: memoryview) -> None:
+        got = 0
+        while got < len(dst):
+            got += self.s.recv_into(dst[got:])
 
 
 class FreshChunks:
@@ -352,6 +380,7 @@ async def bench_size(size: int, iters: int, warmup: int, redis_port: int, lm_url
     arpy = redis_py_asyncio.Redis(port=redis_port)  # what an asyncio engine would use by default
     raw = RawResp(redis_port)
     tcp = RawTcp(raw_port)
+    lraw = RawLm(int(lm_url.rsplit(":", 1)[1]))
     rkey = b"bench-raw-%d" % size
 
     async def tier_get(t: RemoteTier) -> None:
@@ -399,6 +428,9 @@ async def bench_size(size: int, iters: int, warmup: int, redis_port: int, lm_url
         "raw_tcp_put": lambda: tcp.put(data),
         "raw_tcp_put_xxh3": lambda: (payload_checksum(data), tcp.put(data)),
         "raw_tcp_get": lambda: tcp.get(dst),
+        # a raw client of the lm:// server itself: the tier's own cost apart from the server's
+        "lm_raw_socket_put": lambda: lraw.put(rkey, data),
+        "lm_raw_socket_get": lambda: lraw.get(rkey, dst),
         # the raw clients plus checking what arrived (every kvpipe GET verifies the payload's xxh3_64)
         "redis_raw_socket_get_xxh3": lambda: (raw.get(rkey, dst), payload_checksum(dst)),
         "raw_tcp_get_xxh3": lambda: (tcp.get(dst), payload_checksum(dst)),
@@ -449,6 +481,11 @@ async def bench_size(size: int, iters: int, warmup: int, redis_port: int, lm_url
         "lm_tier_put_vs_raw_tcp_plus_xxh3": ratio("lm_tier_put", "raw_tcp_put_xxh3"),
         "redis_tier_put_checksum_known_vs_raw_socket": ratio("redis_tier_put_checksum_known", "redis_raw_socket_set"),
         "lm_tier_put_checksum_known_vs_raw_tcp": ratio("lm_tier_put_checksum_known", "raw_tcp_put"),
+        # the lm:// target split in two: the tier vs a raw client of the same server, and that server vs raw TCP
+        "lm_tier_get_vs_lm_raw_socket": ratio("lm_tier_get", "lm_raw_socket_get"),
+        "lm_tier_put_vs_lm_raw_socket": ratio("lm_tier_put", "lm_raw_socket_put"),
+        "lm_server_get_vs_raw_tcp": ratio("lm_raw_socket_get", "raw_tcp_get"),
+        "lm_server_put_vs_raw_tcp": ratio("lm_raw_socket_put", "raw_tcp_put"),
     }
     ratios: dict[str, float] = out["ratios"]
     for n in ("redis", "lm"):
