@@ -100,3 +100,31 @@ async def test_an_abandoned_call_runs_on_and_its_worker_is_reused() -> None:
     release.set()
     assert await anyio.to_thread.run_sync(finished.wait, 5)
     assert await _in_daemon_thread(lambda: "next") == "next"
+
+
+def test_a_forked_child_starts_its_own_workers() -> None:
+    # The parent's idle workers do not exist in a forked child: a call there must get a thread of the child's.
+    import multiprocessing
+
+    from kvpipe.connectors import mooncake
+
+    done = threading.Event()
+    mooncake._WORKERS.submit(done.set)
+    assert done.wait(5)
+    assert _wait_for(lambda: mooncake._WORKERS.idle >= 1)
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.SimpleQueue()
+    p = ctx.Process(target=_child_runs_a_call, args=(q,))
+    p.start()
+    p.join(20)
+    assert p.exitcode == 0
+    assert q.get() == "ran"
+
+
+def _child_runs_a_call(q: object) -> None:
+    from kvpipe.connectors import mooncake
+
+    assert mooncake._WORKERS.idle == 0  # the parent's idle workers were forgotten
+    ran = threading.Event()
+    mooncake._WORKERS.submit(ran.set)
+    q.put("ran" if ran.wait(5) else "stuck")  # type: ignore[attr-defined]

@@ -156,6 +156,12 @@ class _DaemonWorkers:
         with self._lock:
             return len(self._idle)
 
+    def forget_workers(self) -> None:
+        """Drop every idle worker without telling it (in a forked child: its threads did not come along, and a
+        call handed to one of them would never run)."""
+        self._lock = threading.Lock()
+        self._idle = []
+
     def _run(self, job: Callable[[], None]) -> None:
         inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         while True:
@@ -176,6 +182,8 @@ class _DaemonWorkers:
 
 
 _WORKERS = _DaemonWorkers()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_WORKERS.forget_workers)
 
 
 async def _in_daemon_thread(fn: Callable[[], T]) -> T:
