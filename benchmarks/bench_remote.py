@@ -51,7 +51,7 @@ MiB = 1 << 20
 # A raw TCP sink/source: request = op byte ('P' put / 'G' get) + u64 length + u32 slot; PUT bodies are received
 # with recv_into the slot's preallocated buffer and acknowledged with one byte; GET answers with sendall of the
 # slot's buffer. A batch uses one slot per chunk, so the server moves as many distinct bytes as a real store
-# serving that batch (with one shared buffer, 8 x 4 MiB would be the same cache-hot 4 MiB sent 8 times: ~20% faster
+# serving that batch (with one shared buffer, 8 x 4 MiB would be the same cache-hot 4 MiB sent 8 times: 5-8% faster
 # here than 8 distinct chunks, which no store serves).
 _RAW_SERVER = r"""
 import os, socket, struct, sys, threading
@@ -116,6 +116,13 @@ def _send_all(s: socket.socket, bufs: list[Any]) -> None:
                 n = 0
 
 
+def _recv_exact(s: socket.socket, dst: memoryview) -> None:
+    """Fill ``dst`` from the blocking socket ``s`` with ``recv_into``."""
+    got = 0
+    while got < len(dst):
+        got += s.recv_into(dst[got:])
+
+
 class RawTcp:
     """Client of the raw sink/source; ``slot``: which of the server's buffers (one per chunk of a batch)."""
 
@@ -131,9 +138,7 @@ class RawTcp:
         self._recv(dst)
 
     def _recv(self, dst: memoryview) -> None:
-        got = 0
-        while got < len(dst):
-            got += self.s.recv_into(dst[got:])
+        _recv_exact(self.s, dst)
 
     def put_pipelined(self, datas: list[memoryview]) -> None:
         """Every PUT (chunk i to slot i) sent before the first acknowledgement is read."""
@@ -184,9 +189,7 @@ class RawResp:
     def _bulk(self, dst: memoryview) -> None:
         n = int(self._line()[1:-2])
         assert n == len(dst)
-        got = 0
-        while got < n:
-            got += self.s.recv_into(dst[got:])
+        _recv_exact(self.s, dst)
         assert self._exact(2) == b"\r\n"
 
     def set_pipelined(self, keys: list[bytes], datas: list[memoryview]) -> None:
@@ -227,9 +230,7 @@ class RawLm:
         self._recv(dst)
 
     def _recv(self, dst: memoryview) -> None:
-        got = 0
-        while got < len(dst):
-            got += self.s.recv_into(dst[got:])
+        _recv_exact(self.s, dst)
 
 
 class FreshChunks:
@@ -292,8 +293,8 @@ async def _bench_batches(batch: int, size: int, iters: int, kv: torch.Tensor, da
     prefix = KeyPrefix("bench", f"batch{size}", 1, 0, "float32")
     keys = [prefix.key(f"{i:064x}") for i in range(batch)]
     rkeys = [b"bench-raw-batch-%d-%d" % (size, i) for i in range(batch)]
-    dst_pool = create_pool(2 * batch * size + MiB)
-    regions = [dst_pool.allocate((size,), torch.uint8, 0) for _ in range(2 * batch)]
+    raw_pool = create_pool(2 * batch * size + MiB)  # the raw clients' destinations and sources
+    regions = [raw_pool.allocate((size,), torch.uint8, 0) for _ in range(2 * batch)]
     assert all(r is not None for r in regions)
     dsts = [r.byte_view for r in regions[:batch]]  # type: ignore[union-attr]
     # The raw clients send 8 distinct chunks too, from pool memory, as the tiers' PUTs do (FreshChunks), not one

@@ -98,7 +98,11 @@ def encode_frame(op: Op, request_id: int, key_len: int = 0, payload_len: int = 0
                  flags: int = 0) -> bytes:
     """The 32-byte wire form of a frame header (:meth:`Frame.to_bytes` without building a :class:`Frame`: the
     request and reply paths call this once per message)."""
-    body = _BODY.pack(MAGIC, VERSION, op, status, flags, request_id, key_len, payload_len)
+    return _pack(VERSION, op, status, flags, request_id, key_len, payload_len)
+
+
+def _pack(version: int, op: int, status: int, flags: int, request_id: int, key_len: int, payload_len: int) -> bytes:
+    body = _BODY.pack(MAGIC, version, op, status, flags, request_id, key_len, payload_len)
     return body + _CRC.pack(xxhash.xxh32_intdigest(body))
 
 
@@ -116,9 +120,7 @@ class Frame:
 
     def to_bytes(self) -> bytes:
         """The 32-byte wire form."""
-        body = _BODY.pack(MAGIC, self.version, self.op, self.status, self.flags, self.request_id, self.key_len,
-                          self.payload_len)
-        return body + _CRC.pack(xxhash.xxh32_intdigest(body))
+        return _pack(self.version, self.op, self.status, self.flags, self.request_id, self.key_len, self.payload_len)
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> Frame:
