@@ -3,6 +3,7 @@ equals the checksum of the whole payload, whatever the split between buffered by
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import threading
@@ -10,7 +11,8 @@ import threading
 import anyio
 import pytest
 
-from kvpipe.connectors.sockio import SocketIO, refuse_self_connection
+from kvpipe.connectors import sockio
+from kvpipe.connectors.sockio import PeerClosed, SocketIO, refuse_self_connection
 from kvpipe.serde.entry import payload_checksum, payload_digest
 
 pytestmark = pytest.mark.unit
@@ -65,3 +67,134 @@ def test_a_self_connection_is_refused() -> None:
             refuse_self_connection(s, s.getsockname())
     with socket.create_server(("127.0.0.1", 0)) as srv, socket.create_connection(srv.getsockname()) as c:
         refuse_self_connection(c, c.getpeername())  # a real peer passes
+
+
+# -- read waits: one registration with the loop's selector, kept between waits -------------------------------------
+def _echo_after(peer: socket.socket, delay: float, data: bytes) -> None:
+    """Send ``data`` from the loop ``delay`` seconds from now: the reader is then surely waiting."""
+    asyncio.get_running_loop().call_later(delay, peer.send, data)
+
+
+async def test_request_reply_waits_keep_one_registration(monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = socket.socketpair()
+    io = SocketIO(a)
+    loop = asyncio.get_running_loop()
+    adds = []
+    real_add = loop.add_reader
+    monkeypatch.setattr(loop, "add_reader", lambda fd, cb, *args: (adds.append(fd), real_add(fd, cb, *args)))
+    waits = 0
+    real_wait = io._wait_readable
+
+    async def counted() -> None:
+        nonlocal waits
+        waits += 1
+        await real_wait()
+
+    monkeypatch.setattr(io, "_wait_readable", counted)
+    try:
+        dst = memoryview(bytearray(3))
+        for i in range(30):
+            _echo_after(b, 0.001, b"r%02d" % i)
+            with anyio.fail_after(5):
+                await io.read_into(dst)
+            assert bytes(dst) == b"r%02d" % i
+        assert adds == [a.fileno()]  # registered once, not once per wait
+        # A readiness event left over from the previous reply (seen by the selector before the woken task read
+        # it) must not wake the next wait: every reply here cost exactly one wait, not a useless one and another.
+        assert waits == 30
+    finally:
+        io.close()
+        b.close()
+
+
+async def test_close_unregisters_so_the_descriptor_number_can_come_back() -> None:
+    a, b = socket.socketpair()
+    io = SocketIO(a)
+    fd = a.fileno()
+    _echo_after(b, 0.001, b"x")
+    with anyio.fail_after(5):
+        await io.read_exactly(1)
+    io.close()
+    b.close()
+    c, d = socket.socketpair()  # Linux hands out the lowest free numbers: most likely fd again
+    io2 = SocketIO(c if c.fileno() == fd else d)
+    other = d if io2.sock is c else c
+    try:
+        _echo_after(other, 0.001, b"y")
+        with anyio.fail_after(5):  # a stale selector entry for fd would make this registration fail
+            assert await io2.read_exactly(1) == b"y"
+    finally:
+        io2.close()
+        other.close()
+
+
+async def test_a_wait_elsewhere_on_the_socket_does_not_leave_a_dead_registration() -> None:
+    # anyio.wait_readable on the same descriptor replaces the reader callback and removes it afterwards; the next
+    # SocketIO wait must notice and register again instead of waiting forever.
+    a, b = socket.socketpair()
+    io = SocketIO(a)
+    try:
+        _echo_after(b, 0.001, b"1")
+        with anyio.fail_after(5):
+            await io.read_exactly(1)
+        _echo_after(b, 0.001, b"2")
+        with anyio.fail_after(5):
+            await anyio.wait_readable(a)
+        assert a.recv(1) == b"2"
+        _echo_after(b, 0.001, b"3")
+        with anyio.fail_after(5):
+            assert await io.read_exactly(1) == b"3"
+    finally:
+        io.close()
+        b.close()
+
+
+async def test_eof_on_an_idle_socket_drops_the_registration() -> None:
+    a, b = socket.socketpair()
+    io = SocketIO(a)
+    try:
+        _echo_after(b, 0.001, b"x")
+        with anyio.fail_after(5):
+            await io.read_exactly(1)
+        assert io._reader is not None and io._reader.registered
+        b.close()  # the peer goes away while nobody reads: readable (EOF) for good
+        for _ in range(10):
+            await asyncio.sleep(0.005)
+        assert not io._reader.registered  # no callback spinning on every loop iteration
+        with pytest.raises(PeerClosed):
+            await io.read_exactly(1)
+    finally:
+        io.close()
+
+
+def test_one_socket_read_from_two_event_loops_in_turn() -> None:
+    a, b = socket.socketpair()
+    io = SocketIO(a)
+
+    async def one(data: bytes) -> bytes:
+        _echo_after(b, 0.001, data)
+        with anyio.fail_after(5):
+            return await io.read_exactly(len(data))
+
+    try:
+        assert asyncio.run(one(b"first")) == b"first"
+        assert asyncio.run(one(b"second")) == b"second"  # the first loop (closed) kept nothing that matters
+    finally:
+        io.close()
+        b.close()
+
+
+async def test_read_waits_without_a_selector_loop_use_anyio(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Backends without add_reader (trio, a proactor loop) wait through anyio.wait_readable each time.
+    monkeypatch.setattr(sockio, "_selector_loop", lambda: None)
+    a, b = socket.socketpair()
+    io = SocketIO(a)
+    try:
+        for data in (b"p", b"q"):
+            _echo_after(b, 0.001, data)
+            with anyio.fail_after(5):
+                assert await io.read_exactly(1) == data
+        assert io._reader is None
+    finally:
+        io.close()
+        b.close()
