@@ -75,6 +75,13 @@ def _echo_after(peer: socket.socket, delay: float, data: bytes) -> None:
     asyncio.get_running_loop().call_later(delay, peer.send, data)
 
 
+async def _reply(io: SocketIO, peer: socket.socket, data: bytes) -> bytes:
+    """Have ``peer`` send ``data`` once ``io`` waits for it, and read it back (a hung wait fails after 5 s)."""
+    _echo_after(peer, 0.001, data)
+    with anyio.fail_after(5):
+        return await io.read_exactly(len(data))
+
+
 async def test_request_reply_waits_keep_one_registration(monkeypatch: pytest.MonkeyPatch) -> None:
     a, b = socket.socketpair()
     io = SocketIO(a)
@@ -111,18 +118,14 @@ async def test_close_unregisters_so_the_descriptor_number_can_come_back() -> Non
     a, b = socket.socketpair()
     io = SocketIO(a)
     fd = a.fileno()
-    _echo_after(b, 0.001, b"x")
-    with anyio.fail_after(5):
-        await io.read_exactly(1)
+    await _reply(io, b, b"x")
     io.close()
     b.close()
     c, d = socket.socketpair()  # Linux hands out the lowest free numbers: most likely fd again
     io2 = SocketIO(c if c.fileno() == fd else d)
     other = d if io2.sock is c else c
     try:
-        _echo_after(other, 0.001, b"y")
-        with anyio.fail_after(5):  # a stale selector entry for fd would make this registration fail
-            assert await io2.read_exactly(1) == b"y"
+        assert await _reply(io2, other, b"y") == b"y"  # a stale selector entry for fd would fail this registration
     finally:
         io2.close()
         other.close()
@@ -134,16 +137,12 @@ async def test_a_wait_elsewhere_on_the_socket_does_not_leave_a_dead_registration
     a, b = socket.socketpair()
     io = SocketIO(a)
     try:
-        _echo_after(b, 0.001, b"1")
-        with anyio.fail_after(5):
-            await io.read_exactly(1)
+        await _reply(io, b, b"1")
         _echo_after(b, 0.001, b"2")
         with anyio.fail_after(5):
             await anyio.wait_readable(a)
         assert a.recv(1) == b"2"
-        _echo_after(b, 0.001, b"3")
-        with anyio.fail_after(5):
-            assert await io.read_exactly(1) == b"3"
+        assert await _reply(io, b, b"3") == b"3"
     finally:
         io.close()
         b.close()
@@ -153,9 +152,7 @@ async def test_eof_on_an_idle_socket_drops_the_registration() -> None:
     a, b = socket.socketpair()
     io = SocketIO(a)
     try:
-        _echo_after(b, 0.001, b"x")
-        with anyio.fail_after(5):
-            await io.read_exactly(1)
+        await _reply(io, b, b"x")
         assert io._reader is not None and io._reader.registered
         b.close()  # the peer goes away while nobody reads: readable (EOF) for good
         for _ in range(10):
@@ -171,14 +168,9 @@ def test_one_socket_read_from_two_event_loops_in_turn() -> None:
     a, b = socket.socketpair()
     io = SocketIO(a)
 
-    async def one(data: bytes) -> bytes:
-        _echo_after(b, 0.001, data)
-        with anyio.fail_after(5):
-            return await io.read_exactly(len(data))
-
     try:
-        assert asyncio.run(one(b"first")) == b"first"
-        assert asyncio.run(one(b"second")) == b"second"  # the first loop (closed) kept nothing that matters
+        assert asyncio.run(_reply(io, b, b"first")) == b"first"
+        assert asyncio.run(_reply(io, b, b"second")) == b"second"  # the first loop (closed) kept nothing that matters
     finally:
         io.close()
         b.close()
@@ -191,9 +183,7 @@ async def test_read_waits_without_a_selector_loop_use_anyio(monkeypatch: pytest.
     io = SocketIO(a)
     try:
         for data in (b"p", b"q"):
-            _echo_after(b, 0.001, data)
-            with anyio.fail_after(5):
-                assert await io.read_exactly(1) == data
+            assert await _reply(io, b, data) == data
         assert io._reader is None
     finally:
         io.close()
