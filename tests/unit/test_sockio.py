@@ -7,6 +7,7 @@ import asyncio
 import os
 import socket
 import threading
+from collections.abc import AsyncIterator
 
 import anyio
 import pytest
@@ -75,6 +76,16 @@ def _echo_after(peer: socket.socket, delay: float, data: bytes) -> None:
     asyncio.get_running_loop().call_later(delay, peer.send, data)
 
 
+@pytest.fixture
+async def pair() -> AsyncIterator[tuple[SocketIO, socket.socket]]:
+    """A SocketIO over one end of a socketpair, and the other end; both closed (on the test's loop) after."""
+    a, b = socket.socketpair()
+    io = SocketIO(a)
+    yield io, b
+    io.close()
+    b.close()
+
+
 async def _reply(io: SocketIO, peer: socket.socket, data: bytes) -> bytes:
     """Have ``peer`` send ``data`` once ``io`` waits for it, and read it back (a hung wait fails after 5 s)."""
     _echo_after(peer, 0.001, data)
@@ -82,9 +93,9 @@ async def _reply(io: SocketIO, peer: socket.socket, data: bytes) -> bytes:
         return await io.read_exactly(len(data))
 
 
-async def test_request_reply_waits_keep_one_registration(monkeypatch: pytest.MonkeyPatch) -> None:
-    a, b = socket.socketpair()
-    io = SocketIO(a)
+async def test_request_reply_waits_keep_one_registration(monkeypatch: pytest.MonkeyPatch,
+                                                         pair: tuple[SocketIO, socket.socket]) -> None:
+    io, b = pair
     loop = asyncio.get_running_loop()
     adds = []
     real_add = loop.add_reader
@@ -98,20 +109,16 @@ async def test_request_reply_waits_keep_one_registration(monkeypatch: pytest.Mon
         await real_wait()
 
     monkeypatch.setattr(io, "_wait_readable", counted)
-    try:
-        dst = memoryview(bytearray(3))
-        for i in range(30):
-            _echo_after(b, 0.001, b"r%02d" % i)
-            with anyio.fail_after(5):
-                await io.read_into(dst)
-            assert bytes(dst) == b"r%02d" % i
-        assert adds == [a.fileno()]  # registered once, not once per wait
-        # A readiness event left over from the previous reply (seen by the selector before the woken task read
-        # it) must not wake the next wait: every reply here cost exactly one wait, not a useless one and another.
-        assert waits == 30
-    finally:
-        io.close()
-        b.close()
+    dst = memoryview(bytearray(3))
+    for i in range(30):
+        _echo_after(b, 0.001, b"r%02d" % i)
+        with anyio.fail_after(5):
+            await io.read_into(dst)
+        assert bytes(dst) == b"r%02d" % i
+    assert adds == [io.sock.fileno()]  # registered once, not once per wait
+    # A readiness event left over from the previous reply (seen by the selector before the woken task read it)
+    # must not wake the next wait: every reply here cost exactly one wait, not a useless one and another.
+    assert waits == 30
 
 
 async def test_close_unregisters_so_the_descriptor_number_can_come_back() -> None:
@@ -131,37 +138,29 @@ async def test_close_unregisters_so_the_descriptor_number_can_come_back() -> Non
         other.close()
 
 
-async def test_a_wait_elsewhere_on_the_socket_does_not_leave_a_dead_registration() -> None:
+async def test_a_wait_elsewhere_on_the_socket_does_not_leave_a_dead_registration(
+        pair: tuple[SocketIO, socket.socket]) -> None:
     # anyio.wait_readable on the same descriptor replaces the reader callback and removes it afterwards; the next
     # SocketIO wait must notice and register again instead of waiting forever.
-    a, b = socket.socketpair()
-    io = SocketIO(a)
-    try:
-        await _reply(io, b, b"1")
-        _echo_after(b, 0.001, b"2")
-        with anyio.fail_after(5):
-            await anyio.wait_readable(a)
-        assert a.recv(1) == b"2"
-        assert await _reply(io, b, b"3") == b"3"
-    finally:
-        io.close()
-        b.close()
+    io, b = pair
+    await _reply(io, b, b"1")
+    _echo_after(b, 0.001, b"2")
+    with anyio.fail_after(5):
+        await anyio.wait_readable(io.sock)
+    assert io.sock.recv(1) == b"2"
+    assert await _reply(io, b, b"3") == b"3"
 
 
-async def test_eof_on_an_idle_socket_drops_the_registration() -> None:
-    a, b = socket.socketpair()
-    io = SocketIO(a)
-    try:
-        await _reply(io, b, b"x")
-        assert io._reader is not None and io._reader.registered
-        b.close()  # the peer goes away while nobody reads: readable (EOF) for good
-        for _ in range(10):
-            await asyncio.sleep(0.005)
-        assert not io._reader.registered  # no callback spinning on every loop iteration
-        with pytest.raises(PeerClosed):
-            await io.read_exactly(1)
-    finally:
-        io.close()
+async def test_eof_on_an_idle_socket_drops_the_registration(pair: tuple[SocketIO, socket.socket]) -> None:
+    io, b = pair
+    await _reply(io, b, b"x")
+    assert io._reader is not None and io._reader.registered
+    b.close()  # the peer goes away while nobody reads: readable (EOF) for good
+    for _ in range(10):
+        await asyncio.sleep(0.005)
+    assert not io._reader.registered  # no callback spinning on every loop iteration
+    with pytest.raises(PeerClosed):
+        await io.read_exactly(1)
 
 
 def test_one_socket_read_from_two_event_loops_in_turn() -> None:
@@ -176,15 +175,11 @@ def test_one_socket_read_from_two_event_loops_in_turn() -> None:
         b.close()
 
 
-async def test_read_waits_without_a_selector_loop_use_anyio(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_read_waits_without_a_selector_loop_use_anyio(monkeypatch: pytest.MonkeyPatch,
+                                                            pair: tuple[SocketIO, socket.socket]) -> None:
     # Backends without add_reader (trio, a proactor loop) wait through anyio.wait_readable each time.
     monkeypatch.setattr(sockio, "_selector_loop", lambda: None)
-    a, b = socket.socketpair()
-    io = SocketIO(a)
-    try:
-        for data in (b"p", b"q"):
-            assert await _reply(io, b, data) == data
-        assert io._reader is None
-    finally:
-        io.close()
-        b.close()
+    io, b = pair
+    for data in (b"p", b"q"):
+        assert await _reply(io, b, data) == data
+    assert io._reader is None
