@@ -12,7 +12,7 @@ import itertools
 import logging
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.from_thread
@@ -35,7 +35,10 @@ from kvpipe.serde.entry import dtype_from_name, dtype_name
 from kvpipe.tiers.base import Tier, TierContext, TierStats
 from kvpipe.tiers.cpu import CpuTier
 
-__all__ = ["Cache", "CacheStats", "KVCache", "RetrieveResult", "TokensLike", "open_cache"]
+if TYPE_CHECKING:
+    from kvpipe.connectors.base import Connector
+
+__all__ = ["Cache", "CacheStats", "KVCache", "RetrieveResult", "TokensLike", "check_remote_url", "open_cache"]
 
 log = logging.getLogger(__name__)
 
@@ -446,17 +449,36 @@ async def _build(config: Config) -> KVCache:
     return KVCache(config, prefix, pool, cpu, lower, extra_store=extra_store, extra_retrieve=extra_retrieve)
 
 
-async def _open_remote(url: str, ctx: TierContext) -> Tier:
+def _remote_connector(url: str, config: Config) -> Connector | None:
+    """The connector plugin's connector for ``url`` (built without I/O), or ``None`` when a tier plugin serves the
+    scheme itself. :raises ConfigError: for a malformed URL, or a scheme nothing serves."""
     regs = registries()
     scheme = url.split("://", 1)[0].lower()
     if scheme in regs.tiers:
-        return await regs.tiers.get(scheme)(url, ctx)  # type: ignore[no-any-return]
-    connector = regs.pm.hook.kvpipe_connector_for_url(url=url, config=ctx.config)
+        return None
+    connector = regs.pm.hook.kvpipe_connector_for_url(url=url, config=config)
     if connector is None:
         if scheme == "infinistore":  # LMCache lists it; kvpipe has no connector (no RDMA device to test one on)
             raise ConfigError(f"remote_url: {url!r}: InfiniStore is not supported by kvpipe (its server needs an RDMA "
                               "device); use mooncakestore://, lm:// or redis://")
         raise ConfigError(f"remote_url: no connector or tier for scheme {scheme!r} in {url!r}")
+    return connector  # type: ignore[no-any-return]
+
+
+def check_remote_url(config: Config) -> None:
+    """Check ``config.remote_url`` as opening a cache would, but without connecting: a malformed URL (bad port,
+    unknown option, a scheme nothing serves) raises here, before anything runs.
+
+    :raises ConfigError: naming what is wrong with the URL.
+    """
+    if config.remote_url:
+        _remote_connector(config.remote_url, config)
+
+
+async def _open_remote(url: str, ctx: TierContext) -> Tier:
+    connector = _remote_connector(url, ctx.config)
+    if connector is None:
+        return await registries().tiers.get(url.split("://", 1)[0].lower())(url, ctx)  # type: ignore[no-any-return]
     from kvpipe.tiers.remote import open_remote_tier
 
     return await open_remote_tier(url, ctx, connector)

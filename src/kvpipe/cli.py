@@ -36,7 +36,10 @@ def _setup_logging() -> None:
 
 
 def _config_show(args: argparse.Namespace) -> int:
+    from kvpipe.api import check_remote_url
+
     cfg = Config.load(args.config)
+    check_remote_url(cfg)  # a malformed remote URL is reported now, not when an engine first opens the cache
     docs = known_keys()
     rows = [(k, v, cfg.source_of(k)) for k, v in cfg.as_dict().items()]
     if args.json:

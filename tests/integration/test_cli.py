@@ -64,6 +64,10 @@ def test_config_show_sources_subprocess(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("text", "key"), [
     ('max_local_cpu_size: "lots"\n', "max_local_cpu_size"),
     ('remote_url: "redis//x"\n', "remote_url"),
+    # checked as opening a cache would check it (the connector is built, nothing is connected)
+    ('remote_url: "redis://h:notaport"\n', "bad port"),
+    ('remote_url: "lm://h:1?auth_tokn=x"\n', "unknown option 'auth_tokn'"),
+    ('remote_url: "infinistore://127.0.0.1:12345"\n', "InfiniStore is not supported"),
 ])
 def test_bad_configs_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, key: str) -> None:
     bad = tmp_path / "bad.yaml"

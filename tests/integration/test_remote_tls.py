@@ -14,6 +14,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import anyio
 import pytest
@@ -231,10 +232,58 @@ async def test_tls_relaxed_checks(tls_valkey: TlsProxy, wrong_host_proxy: TlsPro
             await tier.aclose()
 
 
+@pytest.fixture
+def client_auth_proxy(valkey: ServerProc, tls_ca: Any) -> Iterator[TlsProxy]:
+    """A TLS endpoint that asks every client for a certificate issued by ``tls_ca`` (as ``--tls-auth-clients yes``
+    does on a TLS build of Redis or Valkey)."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls_ca.issue_cert("127.0.0.1", "localhost").configure_cert(ctx)
+    tls_ca.configure_trust(ctx)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    proxy = TlsProxy(valkey.port, ctx).start()
+    yield proxy
+    proxy.stop()
+
+
+@pytest.mark.parametrize("form", ["one file", "certificate and key files"])
+async def test_client_certificate(form: str, client_auth_proxy: TlsProxy, tls_ca: Any, tmp_path: Path,
+                                  key_model: str) -> None:
+    """``ssl_certfile`` (with ``ssl_keyfile``, or the key in the same PEM) is presented to a server that asks for
+    a client certificate: the tier serves. Without one, the same server refuses the connection: the tier is down,
+    and every call is a miss or a dropped store, never an exception."""
+    cert = tls_ca.issue_cert("kvpipe-client")
+    if form == "one file":
+        cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "client.pem"))
+        opts = {"ssl_certfile": quote(str(tmp_path / "client.pem"))}
+    else:
+        cert.cert_chain_pems[0].write_to_path(str(tmp_path / "client.crt"))
+        cert.private_key_pem.write_to_path(str(tmp_path / "client.key"))
+        opts = {"ssl_certfile": quote(str(tmp_path / "client.crt")), "ssl_keyfile": quote(str(tmp_path / "client.key"))}
+    k = key(key_model, 0)
+    tier = await open_tier(client_auth_proxy.url(tls_ca.pem_path, **opts))
+    try:
+        assert tier.available
+        assert await tier.put_many([k], [chunk(3)]) == 1
+        (g,) = await tier.get_many([k])
+        assert g is not None and torch.equal(g.tensor, chunk_tensor(3))
+        g.release()
+    finally:
+        await tier.aclose()
+    tier = await open_tier(client_auth_proxy.url(tls_ca.pem_path), make_ctx(timeout=2.0))
+    try:
+        assert not tier.available
+        assert await tier.get_many([k]) == [None]
+        assert await tier.put_many([k], [chunk(4)]) == 0
+    finally:
+        await tier.aclose()
+
+
 @pytest.mark.parametrize(("query", "words"), [
     ("ssl_cert_reqs=maybe", "ssl_cert_reqs"),
     ("ssl_ca_certs=/nonexistent/ca.pem", "ssl_ca_certs"),
     ("ssl_check_hostname=perhaps", "ssl_check_hostname"),
+    ("ssl_certfile=/nonexistent/client.pem", "cannot load the client certificate ssl_certfile="),
+    ("ssl_keyfile=/tmp/client.key", "ssl_keyfile needs ssl_certfile"),
 ])
 def test_bad_tls_options_are_one_line_config_errors(query: str, words: str) -> None:
     with pytest.raises(ConfigError, match=words) as ei:

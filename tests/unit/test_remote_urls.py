@@ -71,6 +71,41 @@ def test_url_option_errors_name_the_option(url: str, msg: str) -> None:
     assert str(e.value).startswith(f"remote_url={url!r}: ") and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize(("url", "option"), [
+    ("redis://h:1?max_conections=3", "max_conections"),
+    ("redis-sentinel://a:1,b:2?master=m", "master"),
+    ("lm://h:1?auth_tokn=x", "auth_tokn"),
+    ("mock://x?latency=5", "latency"),
+])
+def test_unknown_url_options_are_errors(url: str, option: str) -> None:
+    """A misspelt option is named, with the ones the connector knows, instead of being ignored."""
+    with pytest.raises(ConfigError, match=re.escape(f"unknown option {option!r} (known: ")) as e:
+        connector_for_url(url)
+    assert str(e.value).startswith(f"remote_url={url!r}: ") and "\n" not in str(e.value)
+
+
+def test_redis_py_options_without_meaning_here_are_accepted_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="kvpipe.connectors.redis_url"):
+        c = RedisConnector.from_url("redis://:s3cret@h:1?socket_timeout=5&health_check_interval=10&db=2")
+    assert c.db == 2 and c.password == "s3cret"
+    (msg,) = [r.getMessage() for r in caplog.records]
+    assert "health_check_interval, socket_timeout ignored" in msg and "redis://h:1" in msg
+    assert "s3cret" not in msg
+
+
+@pytest.mark.parametrize("query", ["ssl_ca_certs=/etc/ca.pem", "ssl_certfile=/etc/client.pem", "ssl_cert_reqs=none"])
+def test_tls_options_on_a_plaintext_url_are_errors(query: str) -> None:
+    """Certificates on a ``redis://`` URL would otherwise be dropped and the connection made in plaintext."""
+    with pytest.raises(ConfigError, match=re.escape(f"{query.split('=')[0]} needs TLS: use rediss://")):
+        RedisConnector.from_url(f"redis://h:1?{query}")
+    assert RedisConnector.from_url("redis://h:1?ssl=true&ssl_cert_reqs=none").ssl_context is not None  # TLS asked
+
+
+def test_username_from_the_query() -> None:
+    assert RedisConnector.from_url("redis://h:1?username=app&password=pw").username == "app"
+    assert RedisConnector.from_url("redis://app:pw@h:1").username == "app"
+
+
 def test_url_options_last_value_wins() -> None:
     assert LmConnector.from_url("lm://h:1?max_connections=2&max_connections=5").max_connections == 5
     assert MockConnector.from_url("mock://lw?fail_every=3&fail_every=0").fail_every == 0
@@ -81,7 +116,8 @@ def test_plugin_dispatch() -> None:
     assert isinstance(connector_for_url("lm://a:1"), LmConnector)
     assert isinstance(connector_for_url("mock://z"), MockConnector)
     assert connector_for_url("infinistore://a:1") is None
-    pytest.importorskip("mooncake.store", reason="no Mooncake client here (mooncake-transfer-engine-non-cuda)")
+    pytest.importorskip("mooncake.store", reason="no Mooncake client here (mooncake-transfer-engine-non-cuda, "
+                        "libibverbs)", exc_type=ImportError)
     assert type(connector_for_url("mooncakestore://a:1")).__name__ == "MooncakeConnector"
 
 

@@ -19,7 +19,7 @@ import attrs
 
 from kvpipe.connectors.base import Entry, GetResult, ReadInto, aiter_of
 from kvpipe.connectors.sockio import ConnectionPool, SocketIO, connect_tcp
-from kvpipe.connectors.urlopts import host_port, number_opt, split_url
+from kvpipe.connectors.urlopts import check_options, host_port, number_opt, split_url
 from kvpipe.errors import ProtocolError, TierError, TierUnavailable
 from kvpipe.lm.protocol import (
     FRAME_SIZE,
@@ -62,6 +62,7 @@ class LmConnector:
         :raises ConfigError: for a malformed URL.
         """
         parts, q = split_url(url, "lm")
+        check_options(q, url, ("auth_token", "max_connections"))
         host, port = host_port(parts, url, "lm://host:port")
         token = q.get("auth_token") or (unquote(parts.password) if parts.password else None)
         maxc = int(number_opt(q, "max_connections", url, 8))

@@ -16,7 +16,7 @@ import anyio
 import attrs
 
 from kvpipe.connectors.base import GetResult, ReadInto
-from kvpipe.connectors.urlopts import number_opt, split_url
+from kvpipe.connectors.urlopts import check_options, number_opt, split_url
 from kvpipe.errors import TierUnavailable
 
 __all__ = ["MockConnector", "MockStore", "mock_store"]
@@ -56,9 +56,10 @@ class MockConnector:
     def from_url(cls, url: str) -> MockConnector:
         """Parse ``mock://[NAME][?latency_ms=F&bandwidth_gbps=F&fail_every=N]``.
 
-        :raises ConfigError: for a bad number.
+        :raises ConfigError: for a bad number or an unknown option.
         """
         parts, q = split_url(url, "mock")
+        check_options(q, url, ("latency_ms", "bandwidth_gbps", "fail_every"))
         latency = number_opt(q, "latency_ms", url, 0.0, minimum=0) / 1e3
         bw = number_opt(q, "bandwidth_gbps", url, 0.0, minimum=0) * 1e9 / 8
         fail_every = int(number_opt(q, "fail_every", url, 0, minimum=0))

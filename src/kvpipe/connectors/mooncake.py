@@ -45,7 +45,7 @@ import anyio
 import attrs
 
 from kvpipe.connectors.base import Entry, GetResult, ReadInto
-from kvpipe.connectors.urlopts import host_port, number_opt, split_url
+from kvpipe.connectors.urlopts import check_options, host_port, number_opt, split_url
 from kvpipe.errors import ConfigError, TierError, TierUnavailable
 from kvpipe.serde.entry import HEADER_SIZE, payload_checksum
 
@@ -321,12 +321,9 @@ class MooncakeConnector:
         """
         parts, q = split_url(url, "mooncakestore")
         host, port = host_port(parts, url, "mooncakestore://MASTER_HOST:PORT")
+        check_options(q, url, (*_KEYS, "device", "max_transfers"))
         if "device" in q:
             q["device_name"] = q.pop("device")
-        unknown = set(q) - set(_KEYS) - {"max_transfers"}
-        if unknown:
-            raise ConfigError(f"remote_url={url!r}: unknown option {sorted(unknown)[0]!r} (known: "
-                              f"{', '.join(_KEYS)}, device, max_transfers)")
         merged: dict[str, Any] = {k: v for k, v in _file_config().items() if k in _KEYS}
         merged.update({k: v for k, v in (extra or {}).items() if k in _KEYS})
         merged.update({k: v for k, v in q.items() if k in _KEYS})

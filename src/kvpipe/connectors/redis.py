@@ -185,13 +185,16 @@ class RedisConnector:
         ``redis-sentinel://[:password@]h1:p1,h2:p2[/master_name][?master_name=..&sentinel_password=..&db=N]``,
         ``redis-cluster://[:password@]h1:p1,h2:p2``. Every form accepts ``?max_connections=N`` (per node).
 
-        TLS options (``rediss://``, ``valkeys://``, or ``?ssl=true``): ``ssl_ca_certs=PATH``,
-        ``ssl_cert_reqs=required|optional|none``, ``ssl_check_hostname=true|false``. Sentinel and cluster:
-        ``read_from_replicas=true`` sends ``GET``/``EXISTS`` to healthy replicas (see the module docstring);
-        ``read_from_replicas`` here is the default when the URL does not say.
+        TLS options (``rediss://``, ``valkeys://``, or ``?ssl=true``; on a plaintext URL they are an error):
+        ``ssl_ca_certs=PATH``, ``ssl_cert_reqs=required|optional|none``, ``ssl_check_hostname=true|false``, and a
+        client certificate for servers that ask for one: ``ssl_certfile=PATH[&ssl_keyfile=PATH][&ssl_password=P]``.
+        Sentinel and cluster: ``read_from_replicas=true`` sends ``GET``/``EXISTS`` to healthy replicas (see the
+        module docstring); ``read_from_replicas`` here is the default when the URL does not say. redis-py's
+        connection options that mean nothing here (``socket_timeout``, ``health_check_interval``, ...) are
+        accepted with a warning; any other option is an error.
 
-        :raises ConfigError: for a malformed URL, an unknown scheme, a bad option value or an unreadable
-            ``ssl_ca_certs`` file.
+        :raises ConfigError: for a malformed URL, an unknown scheme, an unknown option, a bad option value, or an
+            unreadable ``ssl_ca_certs`` file or client certificate.
         """
         u = parse_redis_url(url, master_name=master_name, max_connections=max_connections,
                             read_from_replicas=read_from_replicas)

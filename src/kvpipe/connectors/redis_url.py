@@ -6,21 +6,32 @@ Every problem is a one-line :class:`~kvpipe.errors.ConfigError` naming the URL a
 
 from __future__ import annotations
 
+import logging
 import ssl
 from urllib.parse import unquote
 
 import attrs
 
-from kvpipe.connectors.urlopts import bool_opt, number_opt, split_url
+from kvpipe.connectors.urlopts import bool_opt, check_options, number_opt, split_url
 from kvpipe.errors import ConfigError
 
 __all__ = ["Addr", "RedisUrl", "parse_redis_url"]
+
+log = logging.getLogger(__name__)
 
 _SCHEMES = {"redis": "single", "rediss": "single", "valkey": "single", "valkeys": "single", "unix": "single",
             "redis-sentinel": "sentinel", "redis-cluster": "cluster", "valkey-cluster": "cluster",
             "valkey-sentinel": "sentinel"}
 _CERT_REQS = {"none": ssl.CERT_NONE, "cert_none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL,
               "cert_optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED, "cert_required": ssl.CERT_REQUIRED}
+# The query options kvpipe reads (redis-py's names).
+_OPTIONS = ("db", "username", "password", "max_connections", "master_name", "service_name", "sentinel_password",
+            "read_from_replicas", "ssl", "ssl_cert_reqs", "ssl_ca_certs", "ssl_check_hostname", "ssl_certfile",
+            "ssl_keyfile", "ssl_password")
+# redis-py connection options with no meaning here, accepted (a URL written for redis-py keeps working) and named in
+# a warning: every call is bounded by ``blocking_timeout_secs``, and a failed connection is retried by the tier.
+_IGNORED = ("socket_timeout", "socket_connect_timeout", "socket_keepalive", "retry_on_timeout", "health_check_interval",
+            "timeout", "client_name", "protocol", "decode_responses", "encoding", "encoding_errors")
 
 
 @attrs.frozen
@@ -69,6 +80,15 @@ def _ssl_context(q: dict[str, str], url: str) -> ssl.SSLContext:
         raise ConfigError(f"remote_url={url!r}: cannot load ssl_ca_certs={cafile!r}: {exc}") from None
     ctx.check_hostname = reqs != ssl.CERT_NONE and bool_opt(q, "ssl_check_hostname", url, True)
     ctx.verify_mode = reqs
+    certfile, keyfile = q.get("ssl_certfile") or None, q.get("ssl_keyfile") or None
+    if keyfile and not certfile:
+        raise ConfigError(f"remote_url={url!r}: ssl_keyfile needs ssl_certfile (the client certificate)")
+    if certfile:  # a client certificate, for servers that ask for one (Redis/Valkey --tls-auth-clients yes)
+        try:
+            ctx.load_cert_chain(certfile, keyfile, password=q.get("ssl_password") or None)
+        except OSError as exc:  # missing file, not PEM, key not matching the certificate, wrong password
+            raise ConfigError(f"remote_url={url!r}: cannot load the client certificate ssl_certfile={certfile!r}"
+                              f"{f' with ssl_keyfile={keyfile!r}' if keyfile else ''}: {exc}") from None
     return ctx
 
 
@@ -101,6 +121,11 @@ def parse_redis_url(url: str, *, master_name: str | None = None, max_connections
     if not sep or mode is None:
         raise ConfigError(f"remote_url={url!r}: expected one of " + ", ".join(f"{s}://" for s in _SCHEMES))
     parts, q = split_url(url)
+    check_options(q, url, (*_OPTIONS, *_IGNORED))
+    ignored = sorted(set(q) & set(_IGNORED))
+    if ignored:
+        log.warning("remote_url %s://%s: %s ignored: kvpipe bounds every call by blocking_timeout_secs and reconnects "
+                    "by itself", parts.scheme, parts.netloc.rpartition("@")[2], ", ".join(ignored))
     netloc = parts.netloc
     userinfo, at, hostlist = netloc.rpartition("@")
     username = password = None
@@ -108,6 +133,7 @@ def parse_redis_url(url: str, *, master_name: str | None = None, max_connections
         user, _, pw = userinfo.partition(":")
         username = unquote(user) or None
         password = unquote(pw) if pw else None
+    username = q.get("username", username)
     password = q.get("password", password)
     path = parts.path.strip("/")
     db = 0
@@ -139,6 +165,10 @@ def parse_redis_url(url: str, *, master_name: str | None = None, max_connections
     ctx = None
     if scheme in ("rediss", "valkeys") or bool_opt(q, "ssl", url, False):
         ctx = _ssl_context(q, url)
+    else:
+        tls_opts = sorted(k for k in q if k.startswith("ssl_"))
+        if tls_opts:  # certificates given, yet the connection would be plaintext
+            raise ConfigError(f"remote_url={url!r}: {tls_opts[0]} needs TLS: use rediss:// (or add ssl=true)")
     replicas = bool_opt(q, "read_from_replicas", url, read_from_replicas)  # the URL's option wins
     if replicas and mode == "single":
         raise ConfigError(f"remote_url={url!r}: read_from_replicas needs redis-sentinel:// or redis-cluster:// "

@@ -1,17 +1,19 @@
 """Query options of ``remote_url`` values, shared by the connectors' ``from_url`` parsers.
 
-Every bad value is one :class:`~kvpipe.errors.ConfigError` line naming the URL and the option. A query option given
-twice takes its last value, as redis-py does.
+Every bad value is one :class:`~kvpipe.errors.ConfigError` line naming the URL and the option, and so is an option
+the connector does not know (a misspelt ``max_conections`` would otherwise be ignored without a word). A query
+option given twice takes its last value, as redis-py does.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from urllib.parse import SplitResult, parse_qs, urlsplit
 
 from kvpipe.config import parse_bool
 from kvpipe.errors import ConfigError
 
-__all__ = ["bool_opt", "host_port", "number_opt", "split_url"]
+__all__ = ["bool_opt", "check_options", "host_port", "number_opt", "split_url"]
 
 def split_url(url: str, scheme: str | None = None) -> tuple[SplitResult, dict[str, str]]:
     """``url``'s parts and its query options (last value wins).
@@ -66,3 +68,10 @@ def number_opt(q: dict[str, str], name: str, url: str, default: int | float, *, 
     if minimum is not None and n < minimum:
         raise ConfigError(f"remote_url={url!r}: {name} must be >= {minimum:g}, got {v!r}")
     return n
+
+
+def check_options(q: dict[str, str], url: str, known: Collection[str]) -> None:
+    """:raises ConfigError: for the first query option (sorted) not in ``known``, listing the known ones."""
+    unknown = sorted(set(q) - set(known))
+    if unknown:
+        raise ConfigError(f"remote_url={url!r}: unknown option {unknown[0]!r} (known: {', '.join(sorted(known))})")
