@@ -134,6 +134,20 @@ def test_lmcache_server_arguments(tmp_path: Path) -> None:
     assert r.returncode == 0 and "--max-size" in r.stdout and "--auth-token" in r.stdout
 
 
+@pytest.mark.parametrize("entry", [["-m", "kvpipe.cli", "server"], ["-m", "kvpipe.lm.server"]])
+def test_an_address_it_cannot_listen_on_is_one_line(entry: list[str]) -> None:
+    """A port in use, or an address that is not this machine's: one line naming the address, exit 2, no
+    traceback (the bind used to fail inside the server's task group and print an exception group)."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        for host, why in (("127.0.0.1", "Address already in use"), ("192.0.2.1", "Cannot assign requested address")):
+            r = subprocess.run([sys.executable, *entry, host, str(port if host == "127.0.0.1" else 45678)],
+                               capture_output=True, text=True, timeout=60)
+            lines = r.stderr.strip().splitlines()
+            assert r.returncode == 2 and len(lines) == 1, r.stderr
+            assert f"cannot listen on {host}:" in lines[0] and why in lines[0] and "Traceback" not in r.stderr
+
+
 async def test_the_installed_lmcache_server_command_serves(tmp_path: Path, key_model: str) -> None:
     # The user guide's `lmcache_server <host> <port> [device]`, as installed by the package.
     script = Path(sys.executable).parent / "lmcache_server"

@@ -44,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def run(args: argparse.Namespace) -> int:
     """Run the server until SIGINT/SIGTERM.
 
-    :raises ConfigError: for an unsupported device or a non-positive size.
+    :raises ConfigError: for an unsupported device, a non-positive size, or an address it cannot listen on.
     """
     from kvpipe.lm.server import LmServer, serve_forever
 
@@ -57,6 +57,11 @@ def run(args: argparse.Namespace) -> int:
     max_frame = int(args.max_frame * (1 << 30)) if args.max_frame else None
     server = LmServer(args.host, args.port, max_size=int(args.max_size * (1 << 30)),
                       auth_token=args.auth_token or None, max_frame=max_frame)
+    try:
+        server.bind()
+    except OSError as exc:  # in use, not an address of this machine, a privileged port
+        why = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise ConfigError(f"cannot listen on {args.host}:{args.port}: {why}") from None
     try:
         anyio.run(serve_forever, server)
     except KeyboardInterrupt:

@@ -56,6 +56,7 @@ class LmServer:
     _index: OrderedDict[str, MemoryObj] = attrs.field(init=False, factory=OrderedDict)
     _counters: dict[str, int] = attrs.field(init=False, factory=dict)
     _conns: set[SocketIO] = attrs.field(init=False, factory=set)
+    _lsock: socket.socket | None = attrs.field(init=False, default=None)
 
     def __attrs_post_init__(self) -> None:
         self.pool = create_pool(self.max_size)
@@ -110,14 +111,27 @@ class LmServer:
             obj.release()
 
     # -- network ------------------------------------------------------------------------------------------------
+    def bind(self) -> int:
+        """Bind and listen now, before :meth:`serve` (which binds itself otherwise), so that an address that
+        cannot be bound is a plain error here and not one wrapped by a task group. Returns the bound port.
+
+        :raises OSError: when the address cannot be bound (in use, not local, not permitted).
+        """
+        if self._lsock is None:
+            lsock = socket.create_server((self.host, self.port), backlog=1024, reuse_port=False)
+            lsock.setblocking(False)
+            self._lsock = lsock
+            self.port = lsock.getsockname()[1]
+        return self.port
+
     async def serve(self, *, task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
         """Accept and serve connections until cancelled; reports the bound port through ``task_status``.
 
         :raises OSError: when the address cannot be bound.
         """
-        lsock = socket.create_server((self.host, self.port), backlog=1024, reuse_port=False)
-        lsock.setblocking(False)
-        self.port = lsock.getsockname()[1]
+        self.bind()
+        lsock, self._lsock = self._lsock, None
+        assert lsock is not None
         log.info("kvpipe lm server listening on %s:%d (max size %.2f GB%s)", self.host, self.port,
                  self.pool.capacity / (1 << 30), ", auth required" if self.auth_token else "")
         try:
@@ -240,7 +254,11 @@ class LmServer:
 
 
 async def serve_forever(server: LmServer) -> None:
-    """Run ``server`` until SIGINT/SIGTERM, then close every connection and exit cleanly."""
+    """Run ``server`` until SIGINT/SIGTERM, then close every connection and exit cleanly.
+
+    :raises OSError: when the address cannot be bound (bound first, outside the task group: a plain error).
+    """
+    server.bind()
     async with anyio.create_task_group() as tg:
         async def _signals() -> None:
             with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as sigs:
