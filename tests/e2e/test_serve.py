@@ -207,3 +207,17 @@ def test_serve_logs_the_per_request_lines(serve_proc: tuple[str, Path], client: 
     log = serve_proc[1].read_text()
     assert "kvpipe hit tokens:" in log and "Total tokens" in log
     assert "TTFT" in log
+
+
+def test_a_port_in_use_is_one_line_before_the_model_loads() -> None:
+    """The port is bound first: a busy one is one line and exit 2 at once (it used to be a uvicorn log line after
+    the model had loaded, and an exit status of 1)."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "kvpipe.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+                           capture_output=True, text=True, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0] == f"kvpipe: error: cannot listen on 127.0.0.1:{port}: Address already in use"
