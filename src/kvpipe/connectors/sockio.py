@@ -27,7 +27,9 @@ from typing import Any, Protocol
 import anyio
 import attrs
 
-__all__ = ["ConnectionPool", "PeerClosed", "SocketIO", "connect_tcp", "connect_unix"]
+from kvpipe.errors import ConfigError
+
+__all__ = ["ConnectionPool", "PeerClosed", "SocketIO", "connect_tcp", "connect_unix", "listen_tcp"]
 
 log = logging.getLogger(__name__)
 
@@ -410,6 +412,20 @@ def tune_socket(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if _SNDBUF:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SNDBUF)
+
+
+def listen_tcp(host: str, port: int, *, backlog: int = 1024) -> socket.socket:
+    """A listening socket on ``host:port`` (an IPv6 literal listens on IPv6), blocking as created.
+
+    :raises ConfigError: one line naming the address when it cannot be bound (in use, not an address of this
+        machine, a privileged port).
+    """
+    try:
+        return socket.create_server((host, port), backlog=backlog,
+                                    family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    except OSError as exc:
+        why = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise ConfigError(f"cannot listen on {host}:{port}: {why}") from None
 
 
 def refuse_self_connection(sock: socket.socket, addr: Any) -> None:

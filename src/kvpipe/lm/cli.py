@@ -57,11 +57,7 @@ def run(args: argparse.Namespace) -> int:
     max_frame = int(args.max_frame * (1 << 30)) if args.max_frame else None
     server = LmServer(args.host, args.port, max_size=int(args.max_size * (1 << 30)),
                       auth_token=args.auth_token or None, max_frame=max_frame)
-    try:
-        server.bind()
-    except OSError as exc:  # in use, not an address of this machine, a privileged port
-        why = os.strerror(exc.errno) if exc.errno else str(exc)
-        raise ConfigError(f"cannot listen on {args.host}:{args.port}: {why}") from None
+    server.bind()  # before the event loop: an address it cannot listen on is a one-line ConfigError
     try:
         anyio.run(serve_forever, server)
     except KeyboardInterrupt:

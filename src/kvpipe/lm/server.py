@@ -23,7 +23,7 @@ import anyio
 import attrs
 import torch
 
-from kvpipe.connectors.sockio import SocketIO, tune_socket
+from kvpipe.connectors.sockio import SocketIO, listen_tcp, tune_socket
 from kvpipe.errors import ProtocolError
 from kvpipe.lm.protocol import (
     FRAME_SIZE,
@@ -115,10 +115,10 @@ class LmServer:
         """Bind and listen now, before :meth:`serve` (which binds itself otherwise), so that an address that
         cannot be bound is a plain error here and not one wrapped by a task group. Returns the bound port.
 
-        :raises OSError: when the address cannot be bound (in use, not local, not permitted).
+        :raises ConfigError: when the address cannot be bound (in use, not local, not permitted).
         """
         if self._lsock is None:
-            lsock = socket.create_server((self.host, self.port), backlog=1024, reuse_port=False)
+            lsock = listen_tcp(self.host, self.port)
             lsock.setblocking(False)
             self._lsock = lsock
             self.port = lsock.getsockname()[1]
@@ -127,7 +127,7 @@ class LmServer:
     async def serve(self, *, task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
         """Accept and serve connections until cancelled; reports the bound port through ``task_status``.
 
-        :raises OSError: when the address cannot be bound.
+        :raises ConfigError: when the address cannot be bound.
         """
         self.bind()
         lsock, self._lsock = self._lsock, None
@@ -256,7 +256,7 @@ class LmServer:
 async def serve_forever(server: LmServer) -> None:
     """Run ``server`` until SIGINT/SIGTERM, then close every connection and exit cleanly.
 
-    :raises OSError: when the address cannot be bound (bound first, outside the task group: a plain error).
+    :raises ConfigError: when the address cannot be bound (bound first, outside the task group: a plain error).
     """
     server.bind()
     async with anyio.create_task_group() as tg:

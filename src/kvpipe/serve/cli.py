@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import socket
 
 from kvpipe.errors import ConfigError
@@ -39,13 +38,9 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port {args.port}: expected 1..65535")
     # Listen first: a port in use is one line now, not a uvicorn log line after the model has loaded.
-    try:
-        sock = socket.create_server((args.host, args.port), backlog=2048,
-                                    family=socket.AF_INET6 if ":" in args.host else socket.AF_INET)
-    except OSError as exc:
-        why = os.strerror(exc.errno) if exc.errno else str(exc)
-        raise ConfigError(f"cannot listen on {args.host}:{args.port}: {why}") from None
-    with sock:
+    from kvpipe.connectors.sockio import listen_tcp
+
+    with listen_tcp(args.host, args.port, backlog=2048) as sock:
         return _serve(args, sock)
 
 
