@@ -69,6 +69,16 @@ def _jsonable(v: Any) -> Any:
 def _inspect(args: argparse.Namespace) -> int:
     from kvpipe.inspect import inspect_disk, print_report
 
+    if args.url and (args.delete or args.all):
+        raise KvpipeError("inspect --url reads a running cache's statistics; --delete goes with DIR or --remote")
+    if args.delete and not (args.model or args.pattern or args.all):
+        # One word too few must not empty a shared store: other engines' and other models' entries live there too.
+        raise KvpipeError("inspect --delete with no --model or --pattern would delete every entry; "
+                          "add --all to mean that")
+    if args.all and not args.delete:
+        raise KvpipeError("inspect --all only goes with --delete (it confirms deleting every entry)")
+    if args.all and (args.model or args.pattern):
+        raise KvpipeError("inspect --delete --all deletes every entry: leave out --model/--pattern, or --all")
     if args.url:
         report = _fetch_stats(args.url)
     elif args.remote:
@@ -137,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_insp.add_argument("--model", help="only entries of this model")
     p_insp.add_argument("--pattern", help="only keys matching this glob (remote)")
     p_insp.add_argument("--verify", action="store_true", help="read every entry and check its checksum")
-    p_insp.add_argument("--delete", action="store_true", help="delete the selected entries")
+    p_insp.add_argument("--delete", action="store_true",
+                        help="delete the selected entries (with no --model/--pattern: only with --all)")
+    p_insp.add_argument("--all", action="store_true", help="with --delete and no filter: delete every entry")
     p_insp.add_argument("--json", action="store_true", help="print JSON")
     p_insp.set_defaults(func=_inspect)
 

@@ -138,7 +138,17 @@ async def test_inspect_delete(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     disk = await _fill_disk(tmp_path)
     assert main(["inspect", str(disk), "--model", "other-model", "--delete", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["deleted"] == 0
-    assert main(["inspect", str(disk), "--delete", "--json"]) == 0
+    capsys.readouterr()
+    # no filter: refused (one line, exit 2) and nothing is lost, unless --all says so
+    assert main(["inspect", str(disk), "--delete"]) == 2
+    err = capsys.readouterr().err
+    assert "would delete every entry" in err and "--all" in err and len(err.strip().splitlines()) == 1
+    assert len(list(disk.glob("*.kvpe"))) == 3
+    assert main(["inspect", str(disk), "--all"]) == 2  # --all alone deletes nothing either
+    assert main(["inspect", str(disk), "--delete", "--all", "--model", "m"]) == 2
+    assert len(list(disk.glob("*.kvpe"))) == 3
+    capsys.readouterr()
+    assert main(["inspect", str(disk), "--delete", "--all", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["deleted"] == 3
     assert list(disk.glob("*.kvpe")) == []
 

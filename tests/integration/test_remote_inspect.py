@@ -56,6 +56,13 @@ def test_inspect_cli(request: pytest.FixtureRequest, key_model: str) -> None:
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
     assert rep["chunks"] == 2 and rep["groups"][0]["model"] == key_model
+    # --delete with no filter would empty the shared store (every model's entries): refused, nothing deleted
+    r = subprocess.run([sys.executable, "-m", "kvpipe.cli", "inspect", "--remote", url, "--delete"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "would delete every entry" in r.stderr, r.stdout + r.stderr
+    r = subprocess.run([sys.executable, "-m", "kvpipe.cli", "inspect", "--remote", url, "--model", key_model,
+                        "--json"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and json.loads(r.stdout)["chunks"] == 2, r.stdout + r.stderr
     r = subprocess.run([sys.executable, "-m", "kvpipe.cli", "inspect", "--remote", url, "--model", key_model,
                         "--delete"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "deleted 2" in r.stdout, r.stdout + r.stderr
