@@ -11,12 +11,12 @@ from pathlib import Path
 import anyio
 import pytest
 import torch
-from remote_fixtures import assert_round_trip, chunk, chunk_tensor, key, open_tier, release_all
-from servers import LmServerProc, free_port, lm_server
+from remote_fixtures import assert_round_trip, chunk, chunk_tensor, key, make_ctx, open_tier, release_all
+from servers import LmServerProc, ServerProc, free_port, lm_server
 
 from kvpipe.connectors.lm import LmConnector
 from kvpipe.errors import TierUnavailable
-from kvpipe.lm.protocol import FRAME_SIZE, Frame, Op, Status
+from kvpipe.lm.protocol import FRAME_SIZE, RESP_REFUSAL, Frame, Op, Status
 
 
 def _recv_all_or_eof(s: socket.socket) -> bytes:
@@ -164,3 +164,44 @@ async def test_the_installed_lmcache_server_command_serves(tmp_path: Path, key_m
         await tier.aclose()
         server.stop()
     assert f"lm server listening on 127.0.0.1:{port}" in server.log_tail()
+
+
+async def test_a_redis_client_is_told_it_reached_an_lm_server(lm: LmServerProc, key_model: str,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    # A redis:// URL given the lm:// server's address: the server answers the first RESP byte with a RESP error
+    # and closes, so the tier goes down at once with a reason that says why, instead of waiting out its deadline
+    # (the Redis PING is 14 bytes: a frame reader would have waited for 32).
+    with socket.create_connection(("127.0.0.1", lm.port)) as s:
+        s.sendall(b"*1\r\n$4\r\nPING\r\n")
+        assert _recv_all_or_eof(s) == RESP_REFUSAL
+    with anyio.fail_after(60):  # far below the deadline: not waited out
+        tier = await open_tier(f"redis://127.0.0.1:{lm.port}", make_ctx(timeout=600))
+    try:
+        assert not tier.available
+        assert "use an lm:// URL" in caplog.text
+    finally:
+        await tier.aclose()
+    ok = await open_tier(lm.url)  # the server carries on
+    try:
+        await assert_round_trip(ok, key(key_model, 0), 0)
+    finally:
+        await ok.aclose()
+
+
+async def test_an_lm_url_at_a_redis_server_says_so(valkey: ServerProc, caplog: pytest.LogCaptureFixture) -> None:
+    # Redis never answers an lm:// frame (it waits for a line end), so the tier saw only its deadline pass. An
+    # unanswered PING now makes the client ask with one Redis PING: the reason names the fix.
+    with anyio.fail_after(60):
+        tier = await open_tier(f"lm://127.0.0.1:{valkey.port}", make_ctx(timeout=600))
+    try:
+        assert not tier.available
+        assert f"a Redis server answers there (PING: b'+PONG'), not an lm:// server: use " \
+               f"redis://127.0.0.1:{valkey.port}" in caplog.text
+    finally:
+        await tier.aclose()
+
+
+async def test_the_probe_does_not_take_an_lm_server_for_redis(lm: LmServerProc) -> None:
+    # The probe's own RESP PING reaches a real lm:// server: its refusal line is recognised, nothing is raised.
+    await LmConnector.from_url(lm.url)._refuse_resp_server()
+    assert "a Redis client (RESP) connected" in lm.log_tail()

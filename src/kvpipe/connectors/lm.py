@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from urllib.parse import unquote
 
+import anyio
 import attrs
 
 from kvpipe.connectors.base import Entry, GetResult, ReadInto, aiter_of
@@ -23,6 +24,7 @@ from kvpipe.connectors.urlopts import check_options, host_port, number_opt, spli
 from kvpipe.errors import ProtocolError, TierError, TierUnavailable
 from kvpipe.lm.protocol import (
     FRAME_SIZE,
+    RESP_REFUSAL,
     Frame,
     Op,
     Status,
@@ -38,6 +40,15 @@ __all__ = ["LmConnector"]
 log = logging.getLogger(__name__)
 
 _EMPTY = memoryview(b"")
+# A PING unanswered this long makes the client look at what listens there: a Redis server (a redis:// address given
+# as lm://) never answers a frame, so the tier would only see its deadline pass. One Redis PING on a new connection
+# tells, in a round trip.
+_PROBE_AFTER = 1.0
+_RESP_PING = b"*1\r\n$4\r\nPING\r\n"
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @attrs.define(eq=False)
@@ -220,10 +231,36 @@ class LmConnector:
         return parse_metrics(body.decode())
 
     async def ping(self) -> None:
-        """:raises TierUnavailable: when the server cannot be reached."""
+        """:raises TierUnavailable: when the server cannot be reached, or a Redis server answers there."""
+        with anyio.move_on_after(_PROBE_AFTER):
+            await self._ping()
+            return
+        await self._refuse_resp_server()
+        await self._ping()  # a slow lm:// server, or nothing that answers: the caller's deadline decides
+
+    async def _ping(self) -> None:
         f, _ = await self._simple(Op.PING)
         if f.status != Status.OK:
             raise TierUnavailable(f"{self._safe_url}: PING answered {f.status.name}")
+
+    async def _refuse_resp_server(self) -> None:
+        """:raises TierUnavailable: when the server answers a Redis ``PING`` in Redis's protocol (RESP)."""
+        line = b""
+        with anyio.move_on_after(_PROBE_AFTER):
+            try:
+                io = await connect_tcp(self.host, self.port)
+            except OSError:
+                return
+            try:
+                await io.send_all([_RESP_PING])
+                line = await io.readline(limit=1024)
+            except (OSError, ValueError):
+                return
+            finally:
+                io.close()
+        if line[:1] in (b"+", b"-") and not RESP_REFUSAL.startswith(line):
+            raise TierUnavailable(f"{self._safe_url}: a Redis server answers there (PING: {line[:40]!r}), not an "
+                                  f"lm:// server: use redis://{_hostport(self.host, self.port)}")
 
     def reset(self) -> None:
         """Drop pooled connections (the tier calls this when it marks the remote down)."""

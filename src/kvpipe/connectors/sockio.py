@@ -261,6 +261,10 @@ class SocketIO:
         """Bytes received and not yet consumed."""
         return self._end - self._start
 
+    def peek(self, n: int) -> bytes:
+        """Up to ``n`` of the bytes received and not yet consumed (without consuming them; no I/O)."""
+        return bytes(self._view[self._start : min(self._end, self._start + n)])
+
     async def at_eof(self) -> bool:
         """Wait for the next byte; ``True`` when the peer closed cleanly at a message boundary."""
         if self.buffered:

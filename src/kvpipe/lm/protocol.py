@@ -19,7 +19,9 @@ Ops: ``PING``, ``AUTH`` (key = shared token), ``PUT`` (payload = the entry: 80-b
 ``GET`` batch by pipelining: a client writes N frames, then reads N replies, in order, on one connection.
 
 A server answers a request it cannot parse by closing that connection (never by crashing): a frame with bad magic,
-an unknown version or op, an oversized key or payload, or any op before ``AUTH`` when a token is set.
+an unknown version or op, an oversized key or payload, or any op before ``AUTH`` when a token is set. A message
+that starts as Redis's protocol does (``*``: a ``redis://`` URL pointed at this server) is answered first with
+:data:`RESP_REFUSAL`, a RESP error line, so a Redis client fails at once with a message saying why.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ __all__ = [
     "MAGIC",
     "MAX_KEY_LEN",
     "MAX_SMALL_PAYLOAD",
+    "RESP_REFUSAL",
     "VERSION",
     "Frame",
     "Op",
@@ -51,6 +54,8 @@ __all__ = [
 ]
 
 MAGIC = b"KVLM"
+# What the server answers a Redis client (RESP), and what the lm:// client recognises as "not Redis" when it probes.
+RESP_REFUSAL = b"-ERR this is a kvpipe lm:// server, not Redis: use an lm:// URL for it\r\n"
 VERSION = 1
 _BODY = struct.Struct("<4sBBBBQIQ")
 _CRC = struct.Struct("<I")

@@ -27,6 +27,8 @@ from kvpipe.connectors.sockio import SocketIO, listen_tcp, tune_socket
 from kvpipe.errors import ProtocolError
 from kvpipe.lm.protocol import (
     FRAME_SIZE,
+    MAGIC,
+    RESP_REFUSAL,
     Frame,
     Op,
     Status,
@@ -163,6 +165,12 @@ class LmServer:
             while True:
                 if await io.at_eof():
                     return
+                first = io.peek(1)
+                if first != MAGIC[:1]:  # not a frame: fail now, not after waiting for 32 bytes that may never come
+                    if first == b"*":
+                        await io.send_all([RESP_REFUSAL])
+                        raise ProtocolError("a Redis client (RESP) connected: it was told to use an lm:// URL")
+                    raise ProtocolError(f"not an lm:// frame (first byte {first!r})")
                 frame = Frame.from_bytes(await io.read_exactly(FRAME_SIZE))
                 frame.check_limits(self.max_frame or 0)
                 key = (await io.read_exactly(frame.key_len)).decode() if frame.key_len else ""
