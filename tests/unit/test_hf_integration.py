@@ -17,7 +17,13 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, MistralCon
 import kvpipe
 from kvpipe.config import Config
 from kvpipe.integrations.transformers import CachedLM, SamplingParams, _sample, _TextStream, cache_config_for
-from kvpipe.layouts.hf import UnsupportedCache, dynamic_cache_from_kv, kv_from_dynamic_cache, kv_shape_for
+from kvpipe.layouts.hf import (
+    UnsupportedCache,
+    cache_kwargs,
+    dynamic_cache_from_kv,
+    kv_from_dynamic_cache,
+    kv_shape_for,
+)
 
 CHUNK = 16
 
@@ -74,10 +80,11 @@ def test_chunk_tensor_round_trips_through_dynamic_cache(model: LlamaForCausalLM)
 def test_adapter_matches_the_models_own_cache(model: LlamaForCausalLM) -> None:
     ids = torch.tensor([prompt(24)])
     with torch.inference_mode():
-        out = model(ids, past_key_values=DynamicCache(config=model.config), use_cache=True)
-        kv = kv_from_dynamic_cache(out.past_key_values)
+        own = DynamicCache(config=model.config)
+        model(ids, use_cache=True, **cache_kwargs(model, own))
+        kv = kv_from_dynamic_cache(own)
         again = dynamic_cache_from_kv(kv.clone(), model.config)
-    for a, b in zip(out.past_key_values.layers, again.layers):
+    for a, b in zip(own.layers, again.layers):
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
 
 
@@ -200,3 +207,20 @@ def test_a_cache_in_another_kv_dtype_converts(model: LlamaForCausalLM) -> None:
     assert warm.hit_tokens == 32
     assert int(warm.logits.argmax()) == int(want.logits.argmax())
     assert float((warm.logits - want.logits).abs().max()) < 0.1
+
+
+def test_the_cache_goes_under_the_name_forward_takes(model: LlamaForCausalLM) -> None:
+    # transformers 5.24 renamed forward's past_key_values to cache (the old name warns on each call, and goes in
+    # 5.40); whichever this version takes, a prefill through CachedLM passes it without a deprecation warning.
+    import inspect
+    import warnings
+
+    params = inspect.signature(model.forward).parameters
+    (name,) = cache_kwargs(model, None)
+    assert name in params or "past_key_values" == name
+    assert name == ("cache" if "cache" in params and "past_key_values" not in params else "past_key_values")
+    lm = CachedLM(model, CharTokenizer(), None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lm.prefill(prompt(20))
+    assert not [w for w in caught if "past_key_values" in str(w.message)]

@@ -29,6 +29,7 @@ from kvpipe.config import Config
 from kvpipe.errors import ConfigError
 from kvpipe.layouts.hf import (
     UnsupportedCache,
+    cache_kwargs,
     check_dynamic_cache,
     dynamic_cache_from_kv,
     kv_from_dynamic_cache,
@@ -232,7 +233,7 @@ class CachedLM:
 
     # ------------------------------------------------------------------ prefill
     def _forward(self, ids: torch.Tensor, past: DynamicCache) -> torch.Tensor:
-        out = self.model(input_ids=ids, past_key_values=past, use_cache=True, logits_to_keep=1)
+        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_kwargs(self.model, past))
         return out.logits[0, -1].float()
 
     def _restore(self, tokens: list[int], req_id: str) -> tuple[DynamicCache, int, int, dict[str, int]]:

@@ -10,6 +10,7 @@ producing wrong logits.
 
 from __future__ import annotations
 
+import inspect
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -21,11 +22,31 @@ if TYPE_CHECKING:
 
 __all__ = [
     "UnsupportedCache",
+    "cache_kwargs",
     "check_dynamic_cache",
     "dynamic_cache_from_kv",
     "kv_from_dynamic_cache",
     "kv_shape_for",
 ]
+
+
+_CACHE_ARG: dict[type, str] = {}
+
+
+def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
+    """``cache`` as the keyword argument ``model``'s forward takes it: ``cache`` since transformers 5.24, which
+    deprecated ``past_key_values`` (a FutureWarning on every call; removed in 5.40), ``past_key_values`` before.
+    The cache object is updated in place either way."""
+    kind = type(model)
+    name = _CACHE_ARG.get(kind)
+    if name is None:
+        try:
+            params = inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            params = {}  # type: ignore[assignment]
+        name = _CACHE_ARG[kind] = ("cache" if "cache" in params and "past_key_values" not in params
+                                   else "past_key_values")
+    return {name: cache}
 
 
 class UnsupportedCache(ConfigError):

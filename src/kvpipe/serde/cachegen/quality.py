@@ -15,6 +15,8 @@ from typing import Any
 import attrs
 import torch
 
+from kvpipe.layouts.hf import cache_kwargs
+
 __all__ = ["QualityReport", "cache_from_chunks", "chunks_from_cache", "measure_quality", "prefill_kv"]
 
 Codec = Callable[[torch.Tensor], torch.Tensor]
@@ -38,9 +40,12 @@ class QualityReport:
 
 def prefill_kv(model: Any, ids: torch.Tensor) -> torch.Tensor:
     """The KV of ``ids`` (``[1, n]``) as ``[L, 2, n, heads, head_dim]`` in the model's dtype."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    return chunks_from_cache(out.past_key_values)
+        model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
+    return chunks_from_cache(cache)
 
 
 def chunks_from_cache(cache: Any) -> torch.Tensor:
@@ -75,8 +80,7 @@ def _greedy(model: Any, cache: Any, first: torch.Tensor, steps: int) -> list[int
     with torch.no_grad():
         for _ in range(steps):
             tokens.append(int(nxt))
-            out = model(input_ids=nxt.view(1, 1), past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(input_ids=nxt.view(1, 1), use_cache=True, **cache_kwargs(model, cache))  # cache: in place
             nxt = out.logits[0, -1].argmax()
     return tokens
 
@@ -98,7 +102,7 @@ def measure_quality(model: Any, context: torch.Tensor, continuation: torch.Tenso
         cache = cache_from_chunks(restored, model.config)
         # Re-run the context's last token on the restored cache (as an engine recomputes at least one token).
         ids = torch.cat([context[:, -1:], continuation[:, :-1]], dim=1)
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids, use_cache=True, **cache_kwargs(model, cache))
         got_logits = out.logits[0].float()
     ref_lp = torch.log_softmax(ref_logits, dim=-1)
     got_lp = torch.log_softmax(got_logits, dim=-1)
@@ -111,11 +115,11 @@ def measure_quality(model: Any, context: torch.Tensor, continuation: torch.Tenso
     with torch.no_grad():
         ref_cache = cache_from_chunks(kv, model.config)
         tail = context[:, -1:]
-        ref_first = model(input_ids=tail, past_key_values=ref_cache, use_cache=True)
+        ref_first = model(input_ids=tail, use_cache=True, **cache_kwargs(model, ref_cache))
         got_cache = cache_from_chunks(restored, model.config)
-        got_first = model(input_ids=tail, past_key_values=got_cache, use_cache=True)
-        ref_tokens = _greedy(model, ref_first.past_key_values, ref_first.logits[0, -1].argmax(), greedy_steps)
-        got_tokens = _greedy(model, got_first.past_key_values, got_first.logits[0, -1].argmax(), greedy_steps)
+        got_first = model(input_ids=tail, use_cache=True, **cache_kwargs(model, got_cache))
+        ref_tokens = _greedy(model, ref_cache, ref_first.logits[0, -1].argmax(), greedy_steps)
+        got_tokens = _greedy(model, got_cache, got_first.logits[0, -1].argmax(), greedy_steps)
     match = next((i for i, (a, b) in enumerate(zip(ref_tokens, got_tokens, strict=True)) if a != b), greedy_steps)
     kl_mean = kl.mean().item()
     return QualityReport(positions=int(kl.numel()), top1_agreement=agree,
