@@ -366,3 +366,13 @@ async def test_tier_batch_put_streams_and_reads_back(remote_url: str, key_model:
         assert tier.statistics().extra["bytes_written"] == 6 * objs[0].tensor.numel() * 4
     finally:
         await tier.aclose()
+
+
+async def test_a_sentinel_url_at_a_plain_server_says_so(valkey: ServerProc, caplog: pytest.LogCaptureFixture) -> None:
+    # A server's address given as redis-sentinel://: the reason names the mistake, not only "no master".
+    tier = await open_tier(f"redis-sentinel://127.0.0.1:{valkey.port}")
+    try:
+        assert not tier.available
+        assert "not a Sentinel, it answered SENTINEL with" in caplog.text and "use redis://" in caplog.text
+    finally:
+        await tier.aclose()

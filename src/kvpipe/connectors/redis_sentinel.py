@@ -20,7 +20,7 @@ import attrs
 
 from kvpipe.connectors.redis_replicas import healthy_replicas
 from kvpipe.connectors.redis_url import Addr
-from kvpipe.connectors.resp import check_reply, encode_command, read_reply
+from kvpipe.connectors.resp import RespError, check_reply, encode_command, read_reply
 from kvpipe.connectors.sockio import Buffer, SocketIO
 from kvpipe.errors import ProtocolError, TierError, TierUnavailable
 
@@ -106,7 +106,12 @@ class SentinelView:
             r = replies[0]
             if isinstance(r, list) and len(r) == 2 and all(isinstance(x, bytes) for x in r):
                 return None
-            return f"no master named {self.master_name!r} ({r!r})"
+            if isinstance(r, RespError) and "unknown command" in r.message.lower():
+                # a plain Redis/Valkey server (a redis:// address given as a Sentinel): say so, not "no master"
+                return f"not a Sentinel, it answered SENTINEL with {r.message[:60]!r}: use redis:// for a server"
+            if isinstance(r, RespError):
+                return f"no master named {self.master_name!r} ({r.message})"
+            return f"no master named {self.master_name!r} (answer {r!r})"
 
         cmds = [("SENTINEL", "get-master-addr-by-name", self.master_name)]
         if self.with_replicas:
