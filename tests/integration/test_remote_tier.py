@@ -23,7 +23,7 @@ from remote_fixtures import (
     release_all,
     url_for,
 )
-from servers import ServerProc, ValkeyCluster, valkey_server
+from servers import ServerProc, ValkeyCluster, ValkeySentinel, valkey_server
 
 from kvpipe.connectors.plugin import connector_for_url
 from kvpipe.serde.entry import EntryHeader
@@ -374,5 +374,19 @@ async def test_a_sentinel_url_at_a_plain_server_says_so(valkey: ServerProc, capl
     try:
         assert not tier.available
         assert "not a Sentinel, it answered SENTINEL with" in caplog.text and "use redis://" in caplog.text
+    finally:
+        await tier.aclose()
+
+
+async def test_a_server_url_at_a_sentinel_says_so(sentinel: ValkeySentinel, key_model: str,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    # A Sentinel answers PING, then refuses every GET and SET: the tier was up and each call failed. Its ROLE
+    # tells, at open: the tier is down with the fix in the reason, and writes are dropped, not errors.
+    tier = await open_tier(f"redis://127.0.0.1:{sentinel.sentinels[0].port}")
+    try:
+        assert not tier.available
+        assert "is a Sentinel, not a data server: use redis-sentinel://" in caplog.text
+        assert await tier.put_many([key(key_model, 0)], [chunk(0)]) == 0
+        assert tier.statistics().extra["errors"] == 0
     finally:
         await tier.aclose()

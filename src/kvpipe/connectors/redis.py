@@ -738,8 +738,18 @@ class RedisConnector:
         def pinger(node: _Node) -> Callable[[], Coroutine[Any, Any, None]]:
             async def exchange() -> None:
                 async with self._conn(node) as io:
-                    await io.send_all(encode_command("PING"))
+                    if self.mode != "single":
+                        await io.send_all(encode_command("PING"))
+                        check_reply(await read_reply(io), f"PING {node.addr}")
+                        return
+                    # A Sentinel answers PING too, then refuses every GET and SET: ask its role as well
+                    await io.send_all([*encode_command("PING"), *encode_command("ROLE")])
                     check_reply(await read_reply(io), f"PING {node.addr}")
+                    role = await read_reply(io)  # an error (an old server, an ACL without ROLE): not a Sentinel
+                    if isinstance(role, list) and role and role[0] == b"sentinel":
+                        raise TierUnavailable(f"{self._safe_url}: {node.addr} is a Sentinel, not a data "
+                                              "server: use redis-sentinel://HOST:PORT[,HOST:PORT...] (with "
+                                              "?master_name= unless it is 'mymaster')")
 
             async def run() -> None:
                 exc = await self._node_part(node, exchange)
