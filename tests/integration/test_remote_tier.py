@@ -390,3 +390,14 @@ async def test_a_server_url_at_a_sentinel_says_so(sentinel: ValkeySentinel, key_
         assert tier.statistics().extra["errors"] == 0
     finally:
         await tier.aclose()
+
+
+async def test_a_server_url_at_a_cluster_node_says_so(cluster: ValkeyCluster, caplog: pytest.LogCaptureFixture
+                                                      ) -> None:
+    # One node of a cluster answers MOVED for the other nodes' slots: half the chunks would fail, half work.
+    tier = await open_tier(f"redis://127.0.0.1:{cluster.nodes[0].port}")
+    try:
+        assert not tier.available
+        assert "is a Redis Cluster node" in caplog.text and "use redis-cluster://" in caplog.text
+    finally:
+        await tier.aclose()

@@ -742,14 +742,21 @@ class RedisConnector:
                         await io.send_all(encode_command("PING"))
                         check_reply(await read_reply(io), f"PING {node.addr}")
                         return
-                    # A Sentinel answers PING too, then refuses every GET and SET: ask its role as well
-                    await io.send_all([*encode_command("PING"), *encode_command("ROLE")])
+                    # A Sentinel answers PING too, then refuses every GET and SET; a cluster node answers MOVED for
+                    # the slots of other nodes. Ask its role and cluster id as well (an error answer, from an old
+                    # server or an ACL that denies the command, is neither).
+                    await io.send_all([*encode_command("PING"), *encode_command("ROLE"),
+                                       *encode_command("CLUSTER", "MYID")])
                     check_reply(await read_reply(io), f"PING {node.addr}")
-                    role = await read_reply(io)  # an error (an old server, an ACL without ROLE): not a Sentinel
+                    role, cluster_id = await read_reply(io), await read_reply(io)
                     if isinstance(role, list) and role and role[0] == b"sentinel":
                         raise TierUnavailable(f"{self._safe_url}: {node.addr} is a Sentinel, not a data "
                                               "server: use redis-sentinel://HOST:PORT[,HOST:PORT...] (with "
                                               "?master_name= unless it is 'mymaster')")
+                    if isinstance(cluster_id, bytes) and cluster_id:
+                        raise TierUnavailable(f"{self._safe_url}: {node.addr} is a Redis Cluster node (it would "
+                                              "answer MOVED for other nodes' slots): use "
+                                              "redis-cluster://HOST:PORT[,HOST:PORT...]")
 
             async def run() -> None:
                 exc = await self._node_part(node, exchange)
