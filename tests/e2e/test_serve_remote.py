@@ -6,6 +6,7 @@ served from the remote the second time (the CPU tier is off: nothing else could 
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,18 @@ def _cached(reply: dict[str, Any]) -> int:
     return int(reply["usage"]["prompt_tokens_details"]["cached_tokens"])
 
 
+def _wait_remote_puts(base: str, n: int) -> None:
+    """Until the remote tier has taken ``n`` chunks in all (its writes are write-behind: a request sent at once
+    could look the chunks up while they are still on their way)."""
+    deadline = time.monotonic() + 60
+    while True:
+        remote = httpx.get(f"{base}/kvpipe/stats", timeout=30).json()["tiers"]["remote"]
+        if remote["puts"] >= n:
+            return
+        assert time.monotonic() < deadline, f"the remote took {remote['puts']} of {n} chunks: {remote}"
+        time.sleep(0.05)
+
+
 def test_the_seed_walkthrough_through_kvpipe_serve(remote: tuple[str, ServerProc], tmp_path: Path) -> None:
     from kvpipe.integrations.context import sample_text
 
@@ -63,6 +76,7 @@ def test_the_seed_walkthrough_through_kvpipe_serve(remote: tuple[str, ServerProc
         n = first["usage"]["prompt_tokens"]
         full = n - n % 256
         assert n > 512 and _cached(first) == 0
+        _wait_remote_puts(base, full // 256)
         second = _chat(base, document)  # the CPU tier is off: every cached token came back from the remote
         assert _cached(second) == full
         assert second["choices"][0]["message"]["content"] == first["choices"][0]["message"]["content"]
@@ -81,6 +95,7 @@ def test_the_seed_walkthrough_through_kvpipe_serve(remote: tuple[str, ServerProc
             third = _chat(base, document)
             assert _cached(third) == 0  # plain misses: a full prefill, the same answer
             assert third["choices"][0]["message"]["content"] == first["choices"][0]["message"]["content"]
+            _wait_remote_puts(base, 2 * (full // 256))
             fourth = _chat(base, document)  # the third request stored the chunks again, under the same keys
             assert _cached(fourth) == full
             assert sorted(r.keys("*")) == sorted(keys)
