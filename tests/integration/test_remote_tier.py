@@ -368,36 +368,32 @@ async def test_tier_batch_put_streams_and_reads_back(remote_url: str, key_model:
         await tier.aclose()
 
 
-async def test_a_sentinel_url_at_a_plain_server_says_so(valkey: ServerProc, caplog: pytest.LogCaptureFixture) -> None:
-    # A server's address given as redis-sentinel://: the reason names the mistake, not only "no master".
-    tier = await open_tier(f"redis-sentinel://127.0.0.1:{valkey.port}")
-    try:
-        assert not tier.available
-        assert "not a Sentinel, it answered SENTINEL with" in caplog.text and "use redis://" in caplog.text
-    finally:
-        await tier.aclose()
+def _port_of(server: str, srv: ServerProc | ValkeySentinel | ValkeyCluster) -> int:
+    if isinstance(srv, ValkeySentinel):
+        return srv.sentinels[0].port
+    if isinstance(srv, ValkeyCluster):
+        return srv.nodes[0].port
+    return srv.port
 
 
-async def test_a_server_url_at_a_sentinel_says_so(sentinel: ValkeySentinel, key_model: str,
-                                                  caplog: pytest.LogCaptureFixture) -> None:
-    # A Sentinel answers PING, then refuses every GET and SET: the tier was up and each call failed. Its ROLE
-    # tells, at open: the tier is down with the fix in the reason, and writes are dropped, not errors.
-    tier = await open_tier(f"redis://127.0.0.1:{sentinel.sentinels[0].port}")
+@pytest.mark.parametrize(("scheme", "server", "said"), [
+    # a server's address given as redis-sentinel://: the reason names the mistake, not only "no master"
+    ("redis-sentinel", "valkey", ["not a Sentinel, it answered SENTINEL with", "use redis://"]),
+    # a Sentinel answers PING, then refuses every GET and SET: the tier was up and each call failed
+    ("redis", "sentinel", ["is a Sentinel, not a data server: use redis-sentinel://"]),
+    # one node of a cluster answers MOVED for the other nodes' slots: some chunks failed, some worked
+    ("redis", "cluster", ["is a Redis Cluster node", "use redis-cluster://"]),
+])
+async def test_a_url_of_the_wrong_kind_says_so(scheme: str, server: str, said: list[str],
+                                               request: pytest.FixtureRequest, key_model: str,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    port = _port_of(server, request.getfixturevalue(server))
+    tier = await open_tier(f"{scheme}://127.0.0.1:{port}")
     try:
-        assert not tier.available
-        assert "is a Sentinel, not a data server: use redis-sentinel://" in caplog.text
-        assert await tier.put_many([key(key_model, 0)], [chunk(0)]) == 0
+        assert not tier.available  # at open, with the fix in the reason
+        for words in said:
+            assert words in caplog.text
+        assert await tier.put_many([key(key_model, 0)], [chunk(0)]) == 0  # dropped while down, not errors
         assert tier.statistics().extra["errors"] == 0
-    finally:
-        await tier.aclose()
-
-
-async def test_a_server_url_at_a_cluster_node_says_so(cluster: ValkeyCluster, caplog: pytest.LogCaptureFixture
-                                                      ) -> None:
-    # One node of a cluster answers MOVED for the other nodes' slots: half the chunks would fail, half work.
-    tier = await open_tier(f"redis://127.0.0.1:{cluster.nodes[0].port}")
-    try:
-        assert not tier.available
-        assert "is a Redis Cluster node" in caplog.text and "use redis-cluster://" in caplog.text
     finally:
         await tier.aclose()
