@@ -449,11 +449,15 @@ async def _build(config: Config) -> KVCache:
     return KVCache(config, prefix, pool, cpu, lower, extra_store=extra_store, extra_retrieve=extra_retrieve)
 
 
+def _scheme(url: str) -> str:
+    return url.split("://", 1)[0].lower()
+
+
 def _remote_connector(url: str, config: Config) -> Connector | None:
     """The connector plugin's connector for ``url`` (built without I/O), or ``None`` when a tier plugin serves the
     scheme itself. :raises ConfigError: for a malformed URL, or a scheme nothing serves."""
     regs = registries()
-    scheme = url.split("://", 1)[0].lower()
+    scheme = _scheme(url)
     if scheme in regs.tiers:
         return None
     connector = regs.pm.hook.kvpipe_connector_for_url(url=url, config=config)
@@ -478,7 +482,7 @@ def check_remote_url(config: Config) -> None:
 async def _open_remote(url: str, ctx: TierContext) -> Tier:
     connector = _remote_connector(url, ctx.config)
     if connector is None:
-        return await registries().tiers.get(url.split("://", 1)[0].lower())(url, ctx)  # type: ignore[no-any-return]
+        return await registries().tiers.get(_scheme(url))(url, ctx)  # type: ignore[no-any-return]
     from kvpipe.tiers.remote import open_remote_tier
 
     return await open_remote_tier(url, ctx, connector)

@@ -95,7 +95,7 @@ class LmConnector:
 
     @property
     def _safe_url(self) -> str:
-        return f"lm://{self.host}:{self.port}"
+        return f"lm://{_hostport(self.host, self.port)}"
 
     @asynccontextmanager
     async def _conn(self) -> AsyncIterator[SocketIO]:

@@ -737,17 +737,19 @@ class RedisConnector:
 
         def pinger(node: _Node) -> Callable[[], Coroutine[Any, Any, None]]:
             async def exchange() -> None:
+                # A single server's address might be a Sentinel's (it answers PING, then refuses every GET and
+                # SET) or one cluster node's (MOVED for the other nodes' slots): its role and cluster id tell, in
+                # the same round trip (an error answer, from an old server or an ACL that denies the command, is
+                # neither).
+                single = self.mode == "single"
+                cmds = encode_command("PING")
+                if single:
+                    cmds += [*encode_command("ROLE"), *encode_command("CLUSTER", "MYID")]
                 async with self._conn(node) as io:
-                    if self.mode != "single":
-                        await io.send_all(encode_command("PING"))
-                        check_reply(await read_reply(io), f"PING {node.addr}")
-                        return
-                    # A Sentinel answers PING too, then refuses every GET and SET; a cluster node answers MOVED for
-                    # the slots of other nodes. Ask its role and cluster id as well (an error answer, from an old
-                    # server or an ACL that denies the command, is neither).
-                    await io.send_all([*encode_command("PING"), *encode_command("ROLE"),
-                                       *encode_command("CLUSTER", "MYID")])
+                    await io.send_all(cmds)
                     check_reply(await read_reply(io), f"PING {node.addr}")
+                    if not single:
+                        return
                     role, cluster_id = await read_reply(io), await read_reply(io)
                     if isinstance(role, list) and role and role[0] == b"sentinel":
                         raise TierUnavailable(f"{self._safe_url}: {node.addr} is a Sentinel, not a data "
