@@ -183,3 +183,32 @@ async def test_a_hung_master_takes_only_its_slots(cache_cluster: ValkeyCluster, 
         assert tier.available and tier.statistics().extra["down_events"] == 0
     finally:
         await tier.aclose()
+
+
+async def test_a_caller_giving_up_is_not_blamed_on_a_master(cluster: ValkeyCluster, key_model: str,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """A master's share of a call is a share of the tier's deadline (``blocking_timeout_secs``), not of whatever the
+    caller allows: a caller that gives up after 0.3 s on a read waiting on a paused master (SIGSTOP) ends that call
+    alone. The master is not marked failed for it, so once it resumes the very next read hits on every master.
+    (The share used to come from the caller's deadline: the master was blamed after 0.15 s and left out for 5 s.)"""
+    c = cluster
+    tier = await open_tier(c.url, make_ctx(timeout=10.0))
+    try:
+        keys, seeds = await write_chunks(tier, key_model, 12)
+        owners = slot_owners(c)
+        victim = max(c.master_ports(), key=lambda p: sum(p in masters_of(k, owners) for k in keys))
+        proc = c.node(victim).proc
+        assert proc is not None
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            with anyio.move_on_after(0.3) as scope:
+                await tier.get_many(keys)  # waits on the paused master until the caller gives up
+        finally:
+            proc.send_signal(signal.SIGCONT)
+        assert scope.cancelled_caught
+        assert all(await read_checked(tier, keys, seeds))
+        assert f"cluster master 127.0.0.1:{victim} failed" not in caplog.text
+        s = tier.statistics().extra
+        assert tier.available and s["down_events"] == 0 and s["timeouts"] == 0
+    finally:
+        await tier.aclose()

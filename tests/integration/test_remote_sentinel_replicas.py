@@ -185,6 +185,35 @@ async def test_hung_replica_costs_one_deadline_then_reads_go_to_the_master(fresh
         await tier.aclose()
 
 
+async def test_a_caller_giving_up_is_not_blamed_on_the_replica(sentinel: ValkeySentinel, key_model: str,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """A read cut off by the caller's own deadline (0.3 s, on a paused replica: SIGSTOP) is the caller's doing, not
+    the replica's: it is not left out for it, and once it resumes the next reads go to it again. (It used to be
+    left out for 5 s after any cancellation, an engine's aborted request included.)"""
+    topo = sentinel
+    tier = await open_tier(topo.url + "?read_from_replicas=true", make_ctx(timeout=10.0))
+    proc = topo.replica.proc
+    assert proc is not None
+    try:
+        keys = [key(key_model, i) for i in range(3)]
+        assert await tier.put_many(keys, [chunk(i) for i in range(3)]) == 3
+        await _settled(topo.master.port)
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            with anyio.move_on_after(0.3) as scope:
+                await tier.get_many(keys)  # waits on the paused replica until the caller gives up
+        finally:
+            proc.send_signal(signal.SIGCONT)
+        assert scope.cancelled_caught
+        m0 = _hits(topo.master.port)
+        assert await _read_all(tier, keys, [0, 1, 2]) == 3
+        assert _hits(topo.master.port) == m0, "the replica was left out: the reads went to the master"
+        assert "failed" not in caplog.text
+        assert tier.available and tier.statistics().extra["down_events"] == 0
+    finally:
+        await tier.aclose()
+
+
 async def test_failover_with_replica_reads(fresh_sentinel: ValkeySentinel, key_model: str) -> None:
     topo = fresh_sentinel
     tier = await open_tier(topo.url + "?read_from_replicas=true", make_ctx(timeout=1.0))

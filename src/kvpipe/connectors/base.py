@@ -8,10 +8,28 @@ when the remote cannot be reached.
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator, Iterable, Sequence
+from contextvars import ContextVar
 from typing import Protocol, TypeVar, runtime_checkable
 
-__all__ = ["Connector", "Entry", "GetResult", "ReadInto", "aiter_of"]
+import anyio
+
+__all__ = ["CALL_DEADLINE", "Connector", "Entry", "GetResult", "ReadInto", "aiter_of", "call_deadline"]
+
+# The deadline (``anyio.current_time()`` clock) of the remote tier's call in progress in this task: the tier sets it
+# around each connector call. What a connector blames on a server (a cluster node given its share of the time, a
+# replica left out for a while) is measured against this, never against ``anyio.current_effective_deadline()``: that
+# also counts the caller's own scopes, and an engine that gives up on a lookup after 1 ms (or aborts a request)
+# says nothing about the servers.
+CALL_DEADLINE: ContextVar[float] = ContextVar("kvpipe_call_deadline", default=math.inf)
+
+
+def call_deadline() -> float:
+    """The tier call's deadline (see ``CALL_DEADLINE``); outside a tier call (a connector used on its own), the
+    nearest deadline of the caller's scopes."""
+    d = CALL_DEADLINE.get()
+    return d if d != math.inf else anyio.current_effective_deadline()
 
 T = TypeVar("T")
 # ``(key, header_bytes, payload)``: one entry as ``put_many`` takes it.

@@ -59,7 +59,7 @@ import anyio
 import attrs
 from redis.crc import key_slot
 
-from kvpipe.connectors.base import Entry, GetResult, ReadInto, aiter_of
+from kvpipe.connectors.base import Entry, GetResult, ReadInto, aiter_of, call_deadline
 from kvpipe.connectors.redis_cluster import NODE_SHARE, ClusterMap, NodeHung, parse_cluster_slots
 from kvpipe.connectors.redis_replicas import ReplicaChooser
 from kvpipe.connectors.redis_sentinel import REPLICA_REFRESH_S, SentinelView
@@ -267,7 +267,9 @@ class RedisConnector:
         budget = float("inf")  # also when the call has no deadline
         scope: anyio.CancelScope | None = None
         if self.mode == "cluster":  # elsewhere no scope at all: ~13 us per exchange on the single-server path
-            budget = max(anyio.current_effective_deadline() - anyio.current_time(), 0.0) * NODE_SHARE
+            # a share of the tier call's time, not of the caller's: a caller's own short deadline or cancellation
+            # ends the exchange as it is (not caught here), and says nothing about the node
+            budget = max(call_deadline() - anyio.current_time(), 0.0) * NODE_SHARE
             scope = anyio.CancelScope(deadline=anyio.current_time() + budget)
         try:
             with scope if scope is not None else nullcontext():
@@ -325,8 +327,11 @@ class RedisConnector:
         except (TierError, OSError, ProtocolError) as exc:
             self._replicas_failed(used, exc)
             return False, None
-        except anyio.get_cancelled_exc_class():  # the tier's deadline: leave these replicas out for a while
-            self._replicas_failed(used, "no answer before the deadline")
+        except anyio.get_cancelled_exc_class():
+            # The tier's deadline: leave these replicas out for a while. Not when the caller gave up earlier (its
+            # own deadline, or an aborted request): the replicas did nothing wrong.
+            if anyio.current_time() >= call_deadline():
+                self._replicas_failed(used, "no answer before the deadline")
             raise
         self._chooser.succeeded(n.addr for n in used)
         return True, result

@@ -1,0 +1,84 @@
+"""A caller that gives up (its own deadline, an aborted request) in the middle of a remote call, on every remote
+kind: real servers, chunks of 64 KiB to 1 MiB so that many calls are cut off while a payload is on the wire, and
+deadlines from "at the first await" to a few milliseconds. Every chunk that comes back is the one stored under its
+key, byte for byte; a connection left with half a reply on it is never handed to the next call; the tier is never
+marked down or counted as timed out (the remote did nothing wrong); afterwards every chunk is stored and read back
+whole."""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import anyio
+import pytest
+import torch
+from remote_fixtures import REMOTE_KINDS, chunk_tensor, key, make_ctx, open_tier, release_all, url_for
+
+from kvpipe.memory.pool import MemoryObj
+
+N_KEYS = 16
+WORKERS = 6
+OPS = 30
+# None: no deadline of the caller's; 0: cancelled at the call's first await; the rest cut calls off mid-way.
+CALLER_DEADLINES = (None, 0.0, 0.0002, 0.0005, 0.001, 0.002, 0.005)
+
+
+def _shape(i: int) -> tuple[int, ...]:
+    return (2, 2, 64 * (1 + i % 8), 4, 16)  # 64 KiB .. 512 KiB of float32, a different shape per key
+
+
+def _obj(i: int) -> MemoryObj:
+    return MemoryObj.detached(chunk_tensor(i, _shape(i)), _shape(i)[2])
+
+
+def _same(got: MemoryObj, i: int) -> bool:
+    want = chunk_tensor(i, _shape(i))
+    return tuple(got.tensor.shape) == tuple(want.shape) and torch.equal(got.tensor, want)
+
+
+@pytest.mark.parametrize("kind", REMOTE_KINDS)
+async def test_callers_giving_up_mid_call_cost_no_wrong_chunk_and_no_outage(
+        kind: str, request: pytest.FixtureRequest, key_model: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="kvpipe")
+    tier = await open_tier(url_for(kind, request), make_ctx(timeout=10.0, pool_bytes=128 << 20))
+    keys = [key(key_model, i) for i in range(N_KEYS)]
+    seen = {"cancelled": 0, "hits": 0, "wrong": 0}
+
+    async def worker(w: int) -> None:
+        rng = random.Random(1000 * w + 7)
+        for _ in range(OPS):
+            idx = rng.sample(range(N_KEYS), rng.randint(1, 4))
+            deadline = rng.choice(CALLER_DEADLINES)
+            got: list[MemoryObj | None] = []
+            with anyio.CancelScope() if deadline is None else anyio.move_on_after(deadline) as scope:
+                if rng.random() < 0.4:
+                    await tier.put_many([keys[i] for i in idx], [_obj(i) for i in idx])
+                else:
+                    got = await tier.get_many([keys[i] for i in idx])
+            seen["cancelled"] += scope.cancelled_caught
+            for i, g in zip(idx, got, strict=False):
+                if g is not None:
+                    seen["hits"] += 1
+                    seen["wrong"] += not _same(g, i)
+            release_all(got)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for w in range(WORKERS):
+                tg.start_soon(worker, w)
+        assert seen["wrong"] == 0, f"{seen['wrong']} chunks came back with another chunk's bytes"
+        assert seen["cancelled"] > 0 and seen["hits"] > 0, seen
+        s = tier.statistics()
+        assert tier.available
+        assert s.extra["down_events"] == 0 and s.extra["timeouts"] == 0 and s.extra["errors"] == 0, s.extra
+        assert "is down" not in caplog.text and "failed" not in caplog.text, caplog.text
+        # Nothing left behind: every chunk stored again reads back whole.
+        assert await tier.put_many(keys, [_obj(i) for i in range(N_KEYS)]) == N_KEYS
+        got = await tier.get_many(keys)
+        try:
+            assert [g is not None and _same(g, i) for i, g in enumerate(got)] == [True] * N_KEYS
+        finally:
+            release_all(got)
+    finally:
+        await tier.aclose()
