@@ -1,11 +1,13 @@
 """The engine over remote tiers: two processes sharing one Redis (and one lm:// server, one Mooncake Store) get
-identical KV; an unreachable remote never makes the engine raise or hang."""
+identical KV; an unreachable remote never makes the engine raise or hang; a chunk gone bad on disk is read from the
+remote behind it."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,8 @@ from remote_fixtures import url_for
 from servers import free_port
 
 import kvpipe
+from fixtures_core import CHUNK, make_kv, make_tokens, small_config
+from kvpipe.tiers.disk import _file_name
 
 _SCRIPT = r"""
 import hashlib, json, sys, torch, kvpipe
@@ -69,3 +73,25 @@ async def test_engine_never_raises_with_remote_down(key_model: str) -> None:
         other = torch.randint(0, 50000, (64,), generator=g).tolist()
         assert await cache.lookup(other) == 0
         assert (await cache.retrieve(other)).num_tokens == 0
+
+
+@pytest.mark.parametrize("kind", ["redis", "lm"])
+async def test_a_chunk_gone_bad_on_disk_is_read_from_the_remote(kind: str, request: pytest.FixtureRequest,
+                                                                tmp_path: Path, key_model: str) -> None:
+    """A disk entry with one payload byte flipped is found by the lookup (the file is there) and rejected by the
+    read (checksum); the read then takes that chunk from the remote: the hit is whole, not cut at the bad chunk."""
+    cfg = small_config(tmp_path, disk=True, model_name=key_model, remote_url=url_for(kind, request))
+    tokens, kv = make_tokens(3 * CHUNK, seed=5), make_kv(3 * CHUNK, seed=5)
+    async with kvpipe.open_cache(cfg) as cache:
+        assert await cache.store(tokens, kv) == 3 * CHUNK
+        await cache.flush()
+        keys = cache.keys_for(tokens)
+    bad = tmp_path / "disk" / _file_name(keys[1])
+    data = bytearray(bad.read_bytes())
+    data[-1] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    async with kvpipe.open_cache(cfg) as cache:  # an empty CPU tier: the chunks are on disk and in the remote
+        res = await cache.retrieve(tokens)
+        assert res.num_tokens == 3 * CHUNK and torch.equal(res.kv, kv)
+        assert res.hits_by_tier == {"disk": 2 * CHUNK, "remote": CHUNK}
+        assert cache.statistics().tiers["disk"].corrupt == 1

@@ -14,6 +14,8 @@ import torch
 
 import kvpipe
 from fixtures_core import CHUNK, make_kv, make_tokens, small_config
+from kvpipe.pipeline.retrieve import ReadStage
+from kvpipe.pipeline.stages import run_stages, split_batches
 from kvpipe.tiers.disk import _file_name
 
 
@@ -220,6 +222,38 @@ async def test_prefetch_promotes(tmp_path: Path) -> None:
         assert cache.statistics().prefetched_chunks == 3
         assert await cache.prefetch(tokens) == 0  # already in CPU
         assert await cache.prefetch(make_tokens(CHUNK, seed=99)) == 0  # nothing cached
+
+
+async def test_a_chunk_gone_from_the_cpu_tier_since_it_was_located_is_read_from_below(tmp_path: Path) -> None:
+    """Between finding which tier holds each chunk and reading it, the CPU tier may drop a chunk (with a small pool,
+    its LRU makes room for this very request's promotions of earlier chunks). The read then asks the tiers below,
+    instead of cutting the hit short at that chunk (it used to: a retrieve right after a store could come back
+    short although the disk or remote held every chunk)."""
+    cfg = small_config(tmp_path, disk=True)
+    tokens, kv = make_tokens(3 * CHUNK), make_kv(3 * CHUNK)
+    async with kvpipe.open_cache(cfg) as cache:
+        await cache.store(tokens, kv)
+        await cache.flush()
+        keys = cache.keys_for(tokens)
+        (batch,) = split_batches("r", keys, [(i * CHUNK, (i + 1) * CHUNK) for i in range(3)], None)
+        batch.tiers = ["cpu"] * 3  # where the lookup found them
+        assert cache.cpu is not None and await cache.cpu.delete_many(keys[1:]) == 2  # dropped since
+        (out,) = await run_stages([ReadStage(cache._guards)], [batch])
+        try:
+            assert out.tiers == ["cpu", "disk", "disk"]
+            for i, obj in enumerate(out.objs):
+                assert obj is not None and torch.equal(obj.tensor, kv[:, :, i * CHUNK : (i + 1) * CHUNK])
+        finally:
+            out.release()
+        # a chunk in no tier at all stays a miss
+        (batch,) = split_batches("r", keys, [(i * CHUNK, (i + 1) * CHUNK) for i in range(3)], None)
+        batch.tiers = ["cpu", "cpu", "disk"]
+        (tmp_path / "disk" / _file_name(keys[1])).unlink()
+        (out,) = await run_stages([ReadStage(cache._guards)], [batch])
+        try:
+            assert out.tiers == ["cpu", None, "disk"] and out.objs[1] is None
+        finally:
+            out.release()
 
 
 async def test_disk_only_cache(tmp_path: Path) -> None:

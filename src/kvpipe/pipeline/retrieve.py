@@ -19,28 +19,42 @@ __all__ = ["PromoteStage", "ReadStage", "ScatterStage"]
 @attrs.define(eq=False)
 class ReadStage(StageBase):
     """Reads each chunk from the tier that ``locate`` found it in (``batch.tiers[i]``), one ``get_many`` per
-    tier per batch. A chunk that is gone or bad by now is a miss (``objs[i]`` stays ``None``)."""
+    tier per batch. A chunk gone from that tier by now is asked for in the tiers below it, in order (``guards`` is
+    in tier order, CPU first): the CPU tier's LRU may have made room for this very request's promotions of earlier
+    chunks, or a disk entry gone bad may still be whole in the remote. A chunk no tier gives back, or gives back
+    bad, is a miss (``objs[i]`` stays ``None``)."""
 
     guards: dict[str, TierGuard]
     name: str = "read"
 
     async def process(self, batch: Batch) -> Batch:
+        order = list(self.guards)
+        located = list(batch.tiers)
         by_tier: dict[str, list[int]] = {}
-        for i, t in enumerate(batch.tiers):
+        for i, t in enumerate(located):
             if t is not None:
                 by_tier.setdefault(t, []).append(i)
         for tier_name, idx in by_tier.items():
-            keys = [batch.keys[i] for i in idx]
-            got: Sequence[MemoryObj | None] = await self.guards[tier_name].call("get_many", [None] * len(idx),
-                                                                                 keys)
-            for i, obj in zip(idx, got, strict=True):
-                if obj is not None and obj.num_tokens != batch.spans[i][1] - batch.spans[i][0]:
-                    obj.release()  # a chunk of another length under this key cannot be ours
-                    obj = None
-                batch.objs[i] = obj
-                if obj is None:
-                    batch.tiers[i] = None
+            await self._read(batch, tier_name, idx)
+        gone = [i for i, t in enumerate(located) if t is not None and batch.objs[i] is None]
+        if gone:
+            start = {i: order.index(located[i]) + 1 for i in gone}  # type: ignore[arg-type]
+            for pos in range(min(start.values()), len(order)):
+                idx = [i for i in gone if start[i] <= pos and batch.objs[i] is None]
+                if idx:
+                    await self._read(batch, order[pos], idx)
         return batch
+
+    async def _read(self, batch: Batch, tier_name: str, idx: list[int]) -> None:
+        """Chunks ``idx`` of ``batch`` from tier ``tier_name``: ``objs[i]``/``tiers[i]`` set for each one found."""
+        keys = [batch.keys[i] for i in idx]
+        got: Sequence[MemoryObj | None] = await self.guards[tier_name].call("get_many", [None] * len(idx), keys)
+        for i, obj in zip(idx, got, strict=True):
+            if obj is not None and obj.num_tokens != batch.spans[i][1] - batch.spans[i][0]:
+                obj.release()  # a chunk of another length under this key cannot be ours
+                obj = None
+            batch.objs[i] = obj
+            batch.tiers[i] = tier_name if obj is not None else None
 
 
 @attrs.define(eq=False)
