@@ -75,13 +75,15 @@ async def assert_round_trip(tier: RemoteTier, k: ChunkKey, i: int) -> None:
     got.release()
 
 
-async def read_checked(tier: RemoteTier, keys: list[ChunkKey], seeds: list[int]) -> list[bool]:
-    """Which of ``keys`` hit; every hit must be the KV of its seed (``chunk_tensor(seed)``), else the test fails."""
+async def read_checked(tier: RemoteTier, keys: list[ChunkKey], seeds: list[int],
+                       shape: tuple[int, ...] = SHAPE) -> list[bool]:
+    """Which of ``keys`` hit; every hit must be the KV of its seed (``chunk_tensor(seed, shape)``), else the test
+    fails."""
     got = await tier.get_many(keys)
     try:
         for g, i in zip(got, seeds, strict=True):
             if g is not None:
-                assert torch.equal(g.tensor, chunk_tensor(i)), f"wrong KV for chunk {i}"
+                assert torch.equal(g.tensor, chunk_tensor(i, shape)), f"wrong KV for chunk {i}"
     finally:
         release_all(got)
     return [g is not None for g in got]

@@ -4,6 +4,7 @@ close; plus what only Redis has (SETRANGE, one half of an entry deleted by hand,
 
 from __future__ import annotations
 
+import random
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -20,13 +21,16 @@ from remote_fixtures import (
     key,
     make_ctx,
     open_tier,
+    read_checked,
     release_all,
     url_for,
 )
 from servers import ServerProc, ValkeyCluster, ValkeySentinel, valkey_server
 
 from kvpipe.connectors.plugin import connector_for_url
+from kvpipe.keys import ChunkKey
 from kvpipe.serde.entry import EntryHeader
+from kvpipe.tiers.remote import RemoteTier
 
 
 async def test_round_trip_bit_identical(remote_url: str, key_model: str) -> None:
@@ -276,6 +280,71 @@ async def test_cluster_spreads_entries_and_cleans_half_entries(cluster: ValkeyCl
     finally:
         await tier.aclose()
         rc.close()
+
+
+async def test_cluster_payload_being_written_is_left_alone(cluster: ValkeyCluster, key_model: str) -> None:
+    """In a cluster an entry's two keys live on different nodes: the payload is written first, with a time to
+    live, and made persistent once the header is there. A payload with its time to live and no header (another
+    engine's write caught mid-way) is a plain miss and is left alone; a persistent payload without header is half
+    an entry, and is cleaned up. Stored entries are persistent."""
+    rc = redis.cluster.RedisCluster(host="127.0.0.1", port=cluster.nodes[0].port)
+    tier = await open_tier(cluster.url)
+    try:
+        keys = [key(key_model, i) for i in range(3)]
+        assert await tier.put_many(keys, [chunk(i) for i in range(3)]) == 3
+        s = [k.to_string() for k in keys]
+        assert [rc.pttl(s[i] + sfx) for i in range(3) for sfx in ("kv_bytes", "metadata")] == [-1] * 6
+        header = rc.get(s[0] + "metadata")
+        rc.delete(s[0] + "metadata")  # entry 0: as a writer leaves it after its first step
+        rc.pexpire(s[0] + "kv_bytes", 60_000)
+        rc.delete(s[1] + "metadata")  # entry 1: a persistent payload whose header went (DEL by hand)
+        got = await tier.get_many(keys)
+        assert got[0] is None and got[1] is None and got[2] is not None
+        release_all(got)
+        assert 0 < rc.pttl(s[0] + "kv_bytes") <= 60_000  # left alone
+        assert rc.exists(s[1] + "kv_bytes") == 0  # cleaned up
+        rc.set(s[0] + "metadata", header)  # the writer goes on: header, then PERSIST
+        rc.persist(s[0] + "kv_bytes")
+        got = await tier.get_many(keys[:1])
+        assert got[0] is not None and torch.equal(got[0].tensor, chunk_tensor(0))
+        release_all(got)
+    finally:
+        await tier.aclose()
+        rc.close()
+
+
+async def test_cluster_entries_written_while_others_read_them_are_kept(cluster: ValkeyCluster,
+                                                                      key_model: str) -> None:
+    """Two engines write the same entries (a shared system prompt) while two others read them. No reader takes a
+    write in progress for half an entry and deletes it: once the writers are done, every entry is there. (Readers
+    used to delete a payload seen without its header: 3 of 600 entries were lost that way in one run.)"""
+    url = cluster.url
+    tiers = [await open_tier(url, make_ctx(timeout=10.0)) for _ in range(4)]
+    writers, readers = tiers[:2], tiers[2:]
+    shape = (2, 2, 256, 4, 16)  # 256 KiB: a payload takes a while to land
+    try:
+        for r in range(3):
+            keys = [key(f"{key_model}-{r}", i) for i in range(40)]
+
+            async def write(t: RemoteTier, w: int, keys: list[ChunkKey] = keys, r: int = r) -> None:
+                for i in random.Random(10 * w + r).sample(range(40), 40):
+                    await t.put_many([keys[i]], [chunk(i, shape)])
+
+            async def read(t: RemoteTier, w: int, keys: list[ChunkKey] = keys, r: int = r) -> None:
+                rng = random.Random(77 * w + r)
+                for _ in range(120):
+                    i = rng.randrange(40)
+                    assert await read_checked(t, [keys[i]], [i], shape) in ([True], [False])
+
+            async with anyio.create_task_group() as tg:
+                for w, t in enumerate(writers):
+                    tg.start_soon(write, t, w)
+                for w, t in enumerate(readers):
+                    tg.start_soon(read, t, w)
+            assert await read_checked(readers[0], keys, list(range(40)), shape) == [True] * 40
+    finally:
+        for t in tiers:
+            await t.aclose()
 
 
 async def test_redis_maxmemory_eviction_is_a_miss(fresh_valkey: ServerProc, key_model: str) -> None:

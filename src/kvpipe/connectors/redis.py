@@ -5,11 +5,13 @@ Layout (LMCache's, so ``redis-cli`` habits carry over): an entry under key ``K``
 serde payload) and ``Kmetadata`` (the 80-byte entry header).
 
 Visibility: on one server (plain, Sentinel) both parts are written in one ``MULTI``/``EXEC``, so a reader sees
-both or neither. In a cluster the two keys may live on different nodes: ``kv_bytes`` is written first and
-``metadata`` only after it was acknowledged (deletes go the other way), and readers need a valid header whose
-checksum matches the payload, so a half-written entry is a miss, never wrong KV. An entry with only one part
-(evicted by ``maxmemory``, expired, ``DEL`` by hand, or a cluster writer caught mid-way) is a miss and is
-cleaned up.
+both or neither. In a cluster the two keys may live on different nodes: ``kv_bytes`` is written first, with a
+time to live (``SET ... PX``), then ``metadata``, then ``PERSIST kv_bytes`` (deletes go the other way), and
+readers need a valid header whose checksum matches the payload, so a half-written entry is a miss, never wrong
+KV. An entry with only one part (evicted by ``maxmemory``, expired, ``DEL`` by hand) is a miss and is cleaned
+up, except a payload that still has its time to live and no header: a write in progress (deleting it lost
+0.5% of the entries written while other engines read them), or one whose writer died, which Redis drops when
+the time runs out.
 
 Speed: values go through :mod:`kvpipe.connectors.resp` (no copy on send, ``recv_into`` pool memory on receive),
 batches are pipelined on one connection per node, and ``max_connections`` per node bounds concurrency (callers
@@ -42,7 +44,7 @@ a replica of its slot (round robin; the connection sends ``READONLY``), from the
 re-read every few seconds. A replica that fails is left out as above and the call is done again on the masters
 (for the entries no buffer was handed out for yet). An entry's two keys live in different slots, replicated
 separately, so half an entry seen on replicas may be a lag: it is a miss, and it is deleted only when the masters
-hold half of it too (``EXISTS`` of both parts there).
+hold half of it too (``EXISTS`` of the header and ``PTTL`` of the payload there).
 """
 
 from __future__ import annotations
@@ -78,6 +80,9 @@ log = logging.getLogger(__name__)
 
 KV_SUFFIX = "kv_bytes"
 META_SUFFIX = "metadata"
+# A cluster payload's time to live until its header is written and it is made persistent: at least this, and at
+# least twice what is left of the tier call's deadline, so that only a writer that died (or gave up) leaves one.
+_PENDING_MIN_S = 120.0
 _EMPTY = memoryview(b"")
 T = TypeVar("T")
 
@@ -98,6 +103,12 @@ class _NodeUnreachable(TierUnavailable):
 
 class _NodeHung(_NodeUnreachable, NodeHung):
     """A cluster node did not answer within its share of the call's deadline."""
+
+
+def _half(meta_exists: int, kv_pttl: int) -> bool:
+    """Whether a cluster entry is half there, from ``EXISTS`` of its header and ``PTTL`` of its payload (-2: no
+    payload, -1: a persistent one, else a payload still being written, which is not half an entry)."""
+    return (meta_exists == 1 and kv_pttl == -2) or (meta_exists == 0 and kv_pttl == -1)
 
 
 def _sender(io: SocketIO, bufs: Sequence[Buffer]) -> Callable[[], Awaitable[None]] | None:
@@ -520,11 +531,25 @@ class RedisConnector:
         return out
 
     async def _halves_on_masters(self, ks: Sequence[str]) -> list[str]:
-        """Those of entries ``ks`` of which the masters hold exactly one part (a master left out says neither)."""
-        cmds = [(k + sfx, encode_command("EXISTS", k + sfx)) for k in ks for sfx in (META_SUFFIX, KV_SUFFIX)]
+        """Those of entries ``ks`` of which the masters hold exactly one part, a payload being written (one with
+        a time to live) left out (a master left out says neither)."""
+        cmds = [(k + sfx, encode_command(cmd, k + sfx)) for k in ks
+                for cmd, sfx in (("EXISTS", META_SUFFIX), ("PTTL", KV_SUFFIX))]
         r = await self._run_routed(cmds)
-        return [k for i, k in enumerate(ks)
-                if isinstance(r[2 * i], int) and isinstance(r[2 * i + 1], int) and r[2 * i] + r[2 * i + 1] == 1]
+        halves = {k: r[2 * i] for i, k in enumerate(ks)
+                  if isinstance(r[2 * i], int) and isinstance(r[2 * i + 1], int) and _half(r[2 * i], r[2 * i + 1])}
+        headless = await self._still_headless([k for k, meta in halves.items() if meta == 0])
+        return [k for k, meta in halves.items() if meta == 1 or k in headless]
+
+    async def _still_headless(self, ks: Sequence[str], used: list[_Node] | None = None) -> set[str]:
+        """Those of entries ``ks`` (seen with a persistent payload and no header) that still have no header. The
+        header was looked at first and the payload after, maybe on another node: a writer may have written the
+        header and made the payload persistent in between (it writes them in that order), which looks the same."""
+        if not ks:
+            return set()
+        r = await self._run_routed([(k + META_SUFFIX, encode_command("EXISTS", k + META_SUFFIX)) for k in ks],
+                                   used=used)
+        return {k for k, e in zip(ks, r, strict=True) if e == 0}
 
     async def _cluster_get(self, keys: Sequence[str], idxs: Sequence[int], read_into: ReadInto,
                            out: list[GetResult | None], used: list[_Node] | None) -> list[str]:
@@ -543,10 +568,12 @@ class RedisConnector:
         no_payload = await self._get_payloads(keys, todo, metas, read_into, out, used)
         orphans = [keys[i] for i in no_payload]  # a header without payload
         missing_meta = [keys[i] for i in idxs if metas[i] is None]
-        if missing_meta:  # a payload without header? (EXISTS is cheap; the payload is not read)
-            ex = await self._run_routed([(k + KV_SUFFIX, encode_command("EXISTS", k + KV_SUFFIX))
-                                         for k in missing_meta], used=used)
-            orphans += [k for k, e in zip(missing_meta, ex, strict=True) if e == 1]
+        if missing_meta:  # a payload without header? (PTTL is cheap; the payload is not read)
+            ttl = await self._run_routed([(k + KV_SUFFIX, encode_command("PTTL", k + KV_SUFFIX))
+                                          for k in missing_meta], used=used)
+            headless = [k for k, t in zip(missing_meta, ttl, strict=True) if isinstance(t, int) and _half(0, t)]
+            still = await self._still_headless(headless, used)
+            orphans += [k for k in headless if k in still]
         return orphans
 
     async def _get_pipelined(self, node: _Node, keys: Sequence[str], todo: Sequence[int], read_into: ReadInto,
@@ -639,15 +666,31 @@ class RedisConnector:
         if not items:
             return 0
         if self.mode == "cluster":
-            first = await self._run_routed([(k + KV_SUFFIX, encode_command("SET", k + KV_SUFFIX, payload))
-                                            for k, _h, payload in items])
-            ok = [it for it, r in zip(items, first, strict=True) if r == b"OK"]
-            if not ok:
-                return 0
-            second = await self._run_routed([(k + META_SUFFIX, encode_command("SET", k + META_SUFFIX, header))
-                                             for k, header, _p in ok])
-            return sum(r == b"OK" for r in second)
+            return await self._cluster_put(items)
         return await self._put_pipelined(aiter_of(items))
+
+    async def _cluster_put(self, items: Sequence[Entry]) -> int:
+        """Payloads first, each with a time to live; then the headers of those stored; then ``PERSIST`` of their
+        payloads. An entry counts as stored when its payload is still there at the end (``EXISTS``); a payload
+        gone by then (a slow writer outlived its time to live, ``maxmemory`` evicted it) takes its header away."""
+        left = call_deadline() - anyio.current_time()
+        px = int(max(_PENDING_MIN_S, 2 * left) * 1000) if left != float("inf") else int(_PENDING_MIN_S * 1000)
+        first = await self._run_routed([(k + KV_SUFFIX, encode_command("SET", k + KV_SUFFIX, payload, "PX", px))
+                                        for k, _h, payload in items])
+        ok = [it for it, r in zip(items, first, strict=True) if r == b"OK"]
+        if not ok:
+            return 0
+        second = await self._run_routed([(k + META_SUFFIX, encode_command("SET", k + META_SUFFIX, header))
+                                         for k, header, _p in ok])
+        ok = [it for it, r in zip(ok, second, strict=True) if r == b"OK"]
+        if not ok:
+            return 0
+        third = await self._run_routed([(k + KV_SUFFIX, encode_command(cmd, k + KV_SUFFIX))
+                                        for k, _h, _p in ok for cmd in ("PERSIST", "EXISTS")])
+        gone = [k for i, (k, _h, _p) in enumerate(ok) if third[2 * i + 1] != 1]
+        if gone:
+            await self._run_routed([(k + META_SUFFIX, encode_command("DEL", k + META_SUFFIX)) for k in gone])
+        return len(ok) - len(gone)
 
     async def put_stream(self, items: AsyncIterator[Entry]) -> int:
         """:meth:`put_many` for entries made one at a time: each entry's commands go out as soon as it comes (the
