@@ -11,7 +11,7 @@ import torch
 
 import kvpipe
 
-__all__ = ["DATA", "make_kv", "make_tokens", "small_config"]
+__all__ = ["DATA", "make_kv", "make_tokens", "shared_prefix_docs", "small_config"]
 
 DATA = Path(__file__).parent / "data"
 
@@ -42,3 +42,18 @@ def make_kv(n: int, *, seed: int = 0, dtype: torch.dtype = torch.float32, mla: b
     g = torch.Generator().manual_seed(seed)
     shape = (layers, 1, n, dim) if mla else (layers, 2, n, heads, dim)
     return torch.randn(shape, generator=g).to(dtype)
+
+
+def shared_prefix_docs(n_docs: int, own_chunks: int, shared_chunks: int = 2
+                       ) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """``n_docs`` "documents" that share a ``shared_chunks``-chunk system prompt, each with ``own_chunks`` chunks of
+    its own, and their KV. The KV of a token depends on its whole prefix in a real model; here: one KV per
+    document, with the shared prefix's KV identical in every document (as a real model would compute it)."""
+    base = make_tokens(shared_chunks * CHUNK, seed=100)
+    docs = [base + make_tokens(own_chunks * CHUNK, seed=200 + d) for d in range(n_docs)]
+    kvs = []
+    for d in range(n_docs):
+        kv = make_kv((shared_chunks + own_chunks) * CHUNK, seed=300 + d)
+        kv[:, :, : shared_chunks * CHUNK] = make_kv(shared_chunks * CHUNK, seed=300)
+        kvs.append(kv)
+    return docs, kvs

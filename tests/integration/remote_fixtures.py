@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import signal
+import subprocess
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+import anyio
 import pytest
 import torch
 
@@ -104,3 +108,17 @@ def url_for(kind: str, request: pytest.FixtureRequest) -> str:
     if kind == "mock":
         return f"mock://{uuid.uuid4().hex}"
     raise ValueError(kind)
+
+
+async def gives_up_while_paused(proc: subprocess.Popen[Any] | None, call: Callable[[], Awaitable[Any]],
+                                after: float = 0.3) -> bool:
+    """Pause server process ``proc`` (SIGSTOP: its connections stay open, nothing comes back), run ``call`` under a
+    caller's own deadline of ``after`` seconds, and resume it; whether the caller's deadline ended the call."""
+    assert proc is not None
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        with anyio.move_on_after(after) as scope:
+            await call()
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    return scope.cancelled_caught

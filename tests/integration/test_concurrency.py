@@ -9,18 +9,10 @@ import pytest
 import torch
 
 import kvpipe
-from fixtures_core import CHUNK, make_kv, make_tokens, small_config
+from fixtures_core import CHUNK, shared_prefix_docs, small_config
 
 # Four "documents" sharing a common 2-chunk system prompt; each task stores and retrieves a prefix of one.
-BASE = make_tokens(2 * CHUNK, seed=100)
-DOCS = [BASE + make_tokens(4 * CHUNK, seed=200 + d) for d in range(4)]
-# The KV of a token depends on its whole prefix in a real model; here: one KV per document, with the shared
-# prefix's KV identical in every document (as a real model would compute it).
-KVS = []
-for d in range(4):
-    kv = make_kv(6 * CHUNK, seed=300 + d)
-    kv[:, :, : 2 * CHUNK] = make_kv(2 * CHUNK, seed=300)
-    KVS.append(kv)
+DOCS, KVS = shared_prefix_docs(4, own_chunks=4)
 
 
 @pytest.mark.parametrize("disk", [False, True], ids=["cpu", "cpu+disk"])

@@ -23,7 +23,7 @@ import torch
 from remote_fixtures import REMOTE_KINDS, chunk_tensor, key, make_ctx, open_tier, release_all, url_for
 
 import kvpipe
-from fixtures_core import CHUNK, make_kv, make_tokens, small_config
+from fixtures_core import CHUNK, shared_prefix_docs, small_config
 from kvpipe.memory.pool import MemoryObj
 
 N_KEYS = 16
@@ -94,13 +94,7 @@ async def test_callers_giving_up_mid_call_cost_no_wrong_chunk_and_no_outage(
 
 
 # Six documents sharing a 2-chunk system prompt (the shared prefix's KV is the same in each, as a model's would be).
-_BASE = make_tokens(2 * CHUNK, seed=100)
-DOCS = [_BASE + make_tokens(6 * CHUNK, seed=200 + d) for d in range(6)]
-KVS = []
-for _d in range(6):
-    _kv = make_kv(8 * CHUNK, seed=300 + _d)
-    _kv[:, :, : 2 * CHUNK] = make_kv(2 * CHUNK, seed=300)
-    KVS.append(_kv)
+DOCS, KVS = shared_prefix_docs(6, own_chunks=6)
 
 
 @pytest.mark.parametrize("disk", [False, True], ids=["cpu+remote", "cpu+disk+remote"])

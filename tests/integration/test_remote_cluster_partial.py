@@ -15,8 +15,10 @@ from collections.abc import Iterator
 import anyio
 import pytest
 from redis.crc import key_slot
-from remote_fixtures import chunk, key, make_ctx, open_tier, read_checked, write_chunks
+from remote_fixtures import chunk, gives_up_while_paused, key, make_ctx, open_tier, read_checked, write_chunks
 from servers import ValkeyCluster, masters_of, redis_command, slot_owners, valkey_bin, valkey_cluster
+
+from kvpipe.keys import ChunkKey
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +30,11 @@ def cache_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyCl
                        extra=("--cluster-require-full-coverage", "no"))
     yield c
     c.stop()
+
+
+def _busiest_master(c: ValkeyCluster, keys: list[ChunkKey], owners: dict[int, int]) -> int:
+    """The master holding a part of the most of ``keys``."""
+    return max(c.master_ports(), key=lambda p: sum(p in masters_of(k, owners) for k in keys))
 
 
 def _part_exists(owners: dict[int, int], k_str: str, sfx: str) -> bool:
@@ -157,7 +164,7 @@ async def test_a_hung_master_takes_only_its_slots(cache_cluster: ValkeyCluster, 
     try:
         keys, seeds = await write_chunks(tier, key_model, 30)
         owners = slot_owners(c)
-        victim = max(c.master_ports(), key=lambda p: sum(p in masters_of(k, owners) for k in keys))
+        victim = _busiest_master(c, keys, owners)
         on_victim = {i for i, k in enumerate(keys) if victim in masters_of(k, owners)}
         elsewhere = [i for i in range(30) if i not in on_victim]
         assert on_victim and elsewhere
@@ -195,17 +202,9 @@ async def test_a_caller_giving_up_is_not_blamed_on_a_master(cluster: ValkeyClust
     tier = await open_tier(c.url, make_ctx(timeout=10.0))
     try:
         keys, seeds = await write_chunks(tier, key_model, 12)
-        owners = slot_owners(c)
-        victim = max(c.master_ports(), key=lambda p: sum(p in masters_of(k, owners) for k in keys))
-        proc = c.node(victim).proc
-        assert proc is not None
-        proc.send_signal(signal.SIGSTOP)
-        try:
-            with anyio.move_on_after(0.3) as scope:
-                await tier.get_many(keys)  # waits on the paused master until the caller gives up
-        finally:
-            proc.send_signal(signal.SIGCONT)
-        assert scope.cancelled_caught
+        victim = _busiest_master(c, keys, slot_owners(c))
+        # the read waits on the paused master until the caller gives up
+        assert await gives_up_while_paused(c.node(victim).proc, lambda: tier.get_many(keys))
         assert all(await read_checked(tier, keys, seeds))
         assert f"cluster master 127.0.0.1:{victim} failed" not in caplog.text
         s = tier.statistics().extra

@@ -14,7 +14,16 @@ import anyio
 import pytest
 import redis
 import torch
-from remote_fixtures import chunk, chunk_tensor, key, make_ctx, open_tier, read_checked, release_all
+from remote_fixtures import (
+    chunk,
+    chunk_tensor,
+    gives_up_while_paused,
+    key,
+    make_ctx,
+    open_tier,
+    read_checked,
+    release_all,
+)
 from servers import ValkeySentinel, redis_command, replication_settled
 
 from kvpipe.connectors.redis import RedisConnector
@@ -40,6 +49,14 @@ async def _settled(master_port: int) -> None:
     while not replication_settled(master_port):
         assert time.monotonic() < deadline, "replica did not catch up"
         await anyio.sleep(0.02)
+
+
+async def _three_on_the_replica(tier: RemoteTier, topo: ValkeySentinel, model: str) -> list[ChunkKey]:
+    """Store chunks 0-2 of ``model`` through ``tier`` and wait until the replica has them; their keys."""
+    keys = [key(model, i) for i in range(3)]
+    assert await tier.put_many(keys, [chunk(i) for i in range(3)]) == 3
+    await _settled(topo.master.port)
+    return keys
 
 
 async def _wait_until(cond: Callable[[], bool], limit: float) -> bool:
@@ -166,9 +183,7 @@ async def test_hung_replica_costs_one_deadline_then_reads_go_to_the_master(fresh
     proc = topo.replica.proc
     assert proc is not None
     try:
-        keys = [key(key_model, i) for i in range(3)]
-        assert await tier.put_many(keys, [chunk(i) for i in range(3)]) == 3
-        await _settled(topo.master.port)
+        keys = await _three_on_the_replica(tier, topo, key_model)
         assert await _read_all(tier, keys, [0, 1, 2]) == 3
         proc.send_signal(signal.SIGSTOP)
         assert await _read_all(tier, keys, [0, 1, 2]) == 0  # the deadline decided: misses
@@ -192,19 +207,10 @@ async def test_a_caller_giving_up_is_not_blamed_on_the_replica(sentinel: ValkeyS
     left out for 5 s after any cancellation, an engine's aborted request included.)"""
     topo = sentinel
     tier = await open_tier(topo.url + "?read_from_replicas=true", make_ctx(timeout=10.0))
-    proc = topo.replica.proc
-    assert proc is not None
     try:
-        keys = [key(key_model, i) for i in range(3)]
-        assert await tier.put_many(keys, [chunk(i) for i in range(3)]) == 3
-        await _settled(topo.master.port)
-        proc.send_signal(signal.SIGSTOP)
-        try:
-            with anyio.move_on_after(0.3) as scope:
-                await tier.get_many(keys)  # waits on the paused replica until the caller gives up
-        finally:
-            proc.send_signal(signal.SIGCONT)
-        assert scope.cancelled_caught
+        keys = await _three_on_the_replica(tier, topo, key_model)
+        # the read waits on the paused replica until the caller gives up
+        assert await gives_up_while_paused(topo.replica.proc, lambda: tier.get_many(keys))
         m0 = _hits(topo.master.port)
         assert await _read_all(tier, keys, [0, 1, 2]) == 3
         assert _hits(topo.master.port) == m0, "the replica was left out: the reads went to the master"
