@@ -29,6 +29,7 @@ from servers import ServerProc, ValkeyCluster, ValkeySentinel, valkey_server
 
 from kvpipe.connectors.plugin import connector_for_url
 from kvpipe.keys import ChunkKey
+from kvpipe.memory.pool import MemoryObj
 from kvpipe.serde.entry import EntryHeader
 from kvpipe.tiers.remote import RemoteTier
 
@@ -345,6 +346,24 @@ async def test_cluster_entries_written_while_others_read_them_are_kept(cluster: 
     finally:
         for t in tiers:
             await t.aclose()
+
+
+@pytest.mark.parametrize("kind", ["redis", "cluster", "lm"])
+async def test_a_chunk_of_a_70b_model_round_trips(kind: str, request: pytest.FixtureRequest, key_model: str) -> None:
+    """One 256-token chunk of a 70B-class model (80 layers, 8 KV heads, head_dim 128, bf16) is 80 MiB: stored and
+    read back bit-identical on every remote (``lm://`` used to refuse the GET reply as over 64 MiB, take the tier
+    down, and do so again at every retry)."""
+    tier = await open_tier(url_for(kind, request), make_ctx(timeout=30.0, pool_bytes=200 << 20))
+    try:
+        kv = chunk_tensor(7, (80, 2, 256, 8, 128), torch.bfloat16)
+        k = key(key_model, 0)
+        assert await tier.put_many([k], [MemoryObj.detached(kv, 256)]) == 1
+        (got,) = await tier.get_many([k])
+        assert got is not None and torch.equal(got.tensor, kv)
+        got.release()
+        assert tier.available and tier.statistics().extra["down_events"] == 0
+    finally:
+        await tier.aclose()
 
 
 async def test_redis_maxmemory_eviction_is_a_miss(fresh_valkey: ServerProc, key_model: str) -> None:

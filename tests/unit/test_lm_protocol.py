@@ -8,6 +8,7 @@ from kvpipe.errors import ProtocolError
 from kvpipe.lm.protocol import (
     FRAME_SIZE,
     MAX_KEY_LEN,
+    MAX_REPLY_PAYLOAD,
     MAX_SMALL_PAYLOAD,
     Frame,
     Op,
@@ -59,6 +60,20 @@ def test_limits() -> None:
         Frame(Op.GET, 1, MAX_KEY_LEN + 1).check_limits(1 << 30)
     with pytest.raises(ProtocolError, match="GET payload"):
         Frame(Op.GET, 1, 1, MAX_SMALL_PAYLOAD + 1).check_limits(1 << 40)
+
+
+def test_reply_limits() -> None:
+    """On the client: a GET reply carries an entry, as big as the caller allows (an 80 MiB chunk of a 70B model
+    used to be refused as a "GET payload" over 64 MiB); other replies (LIST, STATS) are bounded, and so is the
+    echo of a PUT."""
+    Frame(Op.GET, 1, 0, 80 << 20).check_limits(1 << 62, reply=True)
+    Frame(Op.LIST, 1, 0, MAX_SMALL_PAYLOAD + 1).check_limits(1 << 62, reply=True)  # many keys
+    with pytest.raises(ProtocolError, match="LIST payload"):
+        Frame(Op.LIST, 1, 0, MAX_REPLY_PAYLOAD + 1).check_limits(1 << 62, reply=True)
+    with pytest.raises(ProtocolError, match="PUT payload"):
+        Frame(Op.PUT, 1, 0, MAX_REPLY_PAYLOAD + 1).check_limits(1 << 62, reply=True)
+    with pytest.raises(ProtocolError, match="GET payload"):
+        Frame(Op.GET, 1, 0, 65).check_limits(64, reply=True)
 
 
 def test_key_and_entry_lists_round_trip() -> None:

@@ -13,7 +13,9 @@ import anyio
 import pytest
 
 from kvpipe.connectors import sockio
+from kvpipe.connectors.resp import read_reply
 from kvpipe.connectors.sockio import PeerClosed, SocketIO, refuse_self_connection
+from kvpipe.errors import ProtocolError
 from kvpipe.serde.entry import payload_checksum, payload_digest
 
 pytestmark = pytest.mark.unit
@@ -183,3 +185,20 @@ async def test_read_waits_without_a_selector_loop_use_anyio(monkeypatch: pytest.
     for data in (b"p", b"q"):
         assert await _reply(io, b, data) == data
     assert io._reader is None
+
+
+
+@pytest.mark.parametrize(("reply", "said"), [
+    (b"$1000000000000\r\n", "bulk reply of 1000000000000 bytes"),
+    (b"*99999999999\r\n", "array reply of 99999999999 items"),
+    (b"$-5\r\n", "bulk reply of -5 bytes"),
+    (b"$3\r\nabcXY", "not terminated by CRLF"),
+])
+async def test_a_reply_no_redis_sends_is_a_protocol_error(pair: tuple[SocketIO, socket.socket], reply: bytes,
+                                                          said: str) -> None:
+    """Lengths a Redis reply never has (a stream out of step, another service at the address) are refused as they
+    are read: a "$1000000000000" reply used to be allocated, and raised MemoryError into the engine."""
+    io, peer = pair
+    peer.sendall(reply)
+    with anyio.fail_after(5), pytest.raises(ProtocolError, match=said):
+        await read_reply(io)

@@ -110,7 +110,7 @@ class LmConnector:
     @staticmethod
     async def _read_frame(io: SocketIO) -> Frame:
         f = Frame.from_bytes(await io.read_exactly(FRAME_SIZE))
-        f.check_limits(1 << 62)
+        f.check_limits(1 << 62, reply=True)  # a GET's entry lands in pool memory (or is skipped): no bound of ours
         return f
 
     async def _simple(self, op: Op, key: str = "", payload: bytes = b"") -> tuple[Frame, bytes]:

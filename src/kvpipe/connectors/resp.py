@@ -22,6 +22,11 @@ __all__ = ["UNAVAILABLE_KINDS", "BulkTarget", "RespError", "check_reply", "encod
 # Arguments larger than this are sent as their own buffer instead of being copied into the command header.
 _INLINE_MAX = 16 << 10
 _MAX_LINE = 1 << 20
+# Replies read whole (everything but payloads, which go through read_bulk_into): entry headers, counts, SCAN pages,
+# INFO or CLUSTER text. A length beyond these is not a sane reply (a stream out of step, another service at the
+# address) and must not make this process allocate it: a reply "$1000000000000" raised MemoryError to the engine.
+_MAX_BULK = 64 << 20
+_MAX_ARRAY = 1 << 20
 # Error replies that say the server cannot serve now (a failover, a load, a cluster change), not that the request
 # is wrong: the tier treats them as the remote being down.
 UNAVAILABLE_KINDS = frozenset({"READONLY", "LOADING", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "NOREPLICAS", "BUSY"})
@@ -94,19 +99,31 @@ async def read_reply(io: SocketIO) -> Any:
         if t == b":":
             return int(rest)
         if t == b"$":
-            n = int(rest)
+            n = _length(rest, _MAX_BULK, "bulk reply")
             if n < 0:
                 return None
             data = await io.read_exactly(n + 2)
+            if data[-2:] != b"\r\n":
+                raise ProtocolError("bulk reply not terminated by CRLF")
             return data[:-2]
         if t == b"*":
-            n = int(rest)
+            n = _length(rest, _MAX_ARRAY, "array reply")
             if n < 0:
                 return None
             return [await read_reply(io) for _ in range(n)]
     except ValueError:
         raise ProtocolError(f"bad RESP line {line[:40]!r}") from None
     raise ProtocolError(f"unexpected RESP type {t!r}")
+
+
+def _length(rest: bytes, limit: int, what: str) -> int:
+    """A bulk or array length: -1 (nil) or 0..``limit``. :raises ProtocolError: otherwise. :raises ValueError:
+    when it is not a number."""
+    n = int(rest)
+    if n < -1 or n > limit:
+        raise ProtocolError(f"{what} of {n} {'bytes' if what.startswith('bulk') else 'items'} (a length of -1 or "
+                            f"up to {limit} expected)")
+    return n
 
 
 async def read_bulk_into(io: SocketIO, target: BulkTarget, digest: Digest | None = None,
@@ -133,6 +150,8 @@ async def read_bulk_into(io: SocketIO, target: BulkTarget, digest: Digest | None
         n = int(line[1:])
     except ValueError:
         raise ProtocolError(f"bad bulk length {line[:40]!r}") from None
+    if n < -1:
+        raise ProtocolError(f"bad bulk length {line[:40]!r}")
     if n < 0:
         return -1, None
     buf = target(n)

@@ -39,6 +39,7 @@ __all__ = [
     "FRAME_SIZE",
     "MAGIC",
     "MAX_KEY_LEN",
+    "MAX_REPLY_PAYLOAD",
     "MAX_SMALL_PAYLOAD",
     "RESP_REFUSAL",
     "VERSION",
@@ -62,8 +63,11 @@ _CRC = struct.Struct("<I")
 _WIRE = struct.Struct("<4sBBBBQIQI")  # _BODY then _CRC
 FRAME_SIZE = _BODY.size + _CRC.size
 MAX_KEY_LEN = 4096
-# Payload bound for every op but PUT (whose bound is the server's --max-frame) and the batch ops' key lists.
+# Payload bound for every request but PUT (whose bound is the server's --max-frame): key lists, globs, tokens.
 MAX_SMALL_PAYLOAD = 64 << 20
+# Payload bound for every reply but GET's (an entry, received into pool memory or skipped, never allocated whole):
+# a LIST of many keys, STATS text.
+MAX_REPLY_PAYLOAD = 1 << 30
 _U32 = struct.Struct("<I")
 _U32U64 = struct.Struct("<IQ")
 
@@ -148,11 +152,19 @@ class Frame:
         return cls(op=op_e, request_id=rid, key_len=klen, payload_len=plen, status=status_e, flags=flags,
                    version=version)
 
-    def check_limits(self, max_payload: int) -> None:
-        """:raises ProtocolError: when the key or payload is larger than this side accepts."""
+    def check_limits(self, max_payload: int, *, reply: bool = False) -> None:
+        """Check a request (on the server) or a ``reply`` (on the client): ``max_payload`` bounds what carries an
+        entry (a PUT request, a GET reply), :data:`MAX_SMALL_PAYLOAD` other requests, :data:`MAX_REPLY_PAYLOAD`
+        other replies. (GET replies used to get the small bound: an entry over 64 MiB, one 256-token chunk of a
+        70B model, was stored and then never read, each GET taking the tier down.)
+
+        :raises ProtocolError: when the key or payload is larger than that."""
         if self.key_len > MAX_KEY_LEN:
             raise ProtocolError(f"key of {self.key_len} bytes exceeds {MAX_KEY_LEN}")
-        limit = max_payload if self.op == Op.PUT else MAX_SMALL_PAYLOAD
+        if self.op == (Op.GET if reply else Op.PUT):
+            limit = max_payload
+        else:
+            limit = MAX_REPLY_PAYLOAD if reply else MAX_SMALL_PAYLOAD
         if self.payload_len > limit:
             raise ProtocolError(f"{self.op.name} payload of {self.payload_len} bytes exceeds {limit}")
 
