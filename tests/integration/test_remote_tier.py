@@ -348,7 +348,7 @@ async def test_cluster_entries_written_while_others_read_them_are_kept(cluster: 
             await t.aclose()
 
 
-@pytest.mark.parametrize("kind", ["redis", "cluster", "lm"])
+@pytest.mark.parametrize("kind", ["redis", "cluster", "lm", "mooncake"])
 async def test_a_chunk_of_a_70b_model_round_trips(kind: str, request: pytest.FixtureRequest, key_model: str) -> None:
     """One 256-token chunk of a 70B-class model (80 layers, 8 KV heads, head_dim 128, bf16) is 80 MiB: stored and
     read back bit-identical on every remote (``lm://`` used to refuse the GET reply as over 64 MiB, take the tier
