@@ -90,7 +90,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
         cfg = Config.load(args.config)
         report = anyio.run(lambda: inspect_remote(args.remote, cfg, model=args.model, delete=args.delete,
-                                                  pattern=args.pattern))
+                                                  pattern=args.pattern, verify=args.verify))
     else:
         target = args.path or str(Config.load(args.config).local_disk_path or "")
         if not target:
@@ -146,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_insp.add_argument("--config", help="YAML config file")
     p_insp.add_argument("--model", help="only entries of this model")
     p_insp.add_argument("--pattern", help="only keys matching this glob (remote)")
-    p_insp.add_argument("--verify", action="store_true", help="read every entry and check its checksum")
+    p_insp.add_argument("--verify", action="store_true",
+                        help="read every entry and check its header, key and checksum (remote: also counts tokens)")
     p_insp.add_argument("--delete", action="store_true",
                         help="delete the selected entries (with no --model/--pattern: only with --all)")
     p_insp.add_argument("--all", action="store_true", help="with --delete and no filter: delete every entry")

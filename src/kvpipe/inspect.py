@@ -64,11 +64,15 @@ def print_report(report: dict[str, Any]) -> None:
     where = report.get("path") or report.get("url")
     print(f"{where}: {report['chunks']} chunks, {report['bytes'] / 1e6:.1f} MB")
     for g in report.get("groups", []):
+        # a remote listing knows token counts only when it read the entries (--verify)
+        tokens = f"{g['tokens']} tokens, " if "tokens" in g else ""
         print(f"  model={g['model']} dtype={g.get('dtype')} world_size={g.get('world_size')} "
-              f"worker={g.get('worker_id')}: {g['chunks']} chunks, {g.get('tokens', 0)} tokens, "
-              f"{g['bytes'] / 1e6:.1f} MB")
-    for line in report.get("bad_entries", []):
+              f"worker={g.get('worker_id')}: {g['chunks']} chunks, {tokens}{g['bytes'] / 1e6:.1f} MB")
+    bad = report.get("bad_entries", [])
+    for line in bad:
         print(f"  BAD {line}")
+    if report.get("verified"):
+        print(f"  verified {report['chunks']} entries: {len(bad)} bad")
     if report.get("deleted"):
         print(f"  deleted {report['deleted']} entries")
     for name, stats in report.get("tiers", {}).items():
