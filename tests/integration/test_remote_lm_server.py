@@ -1,5 +1,6 @@
 """``kvpipe server`` (the ``lm://`` cache server) as a real subprocess: bad frames close only their connection,
-auth, LRU under ``--max-size``, STATS, many concurrent clients, and the ``lmcache_server`` argument form."""
+auth, LRU under ``--max-size``, STATS, ``GET /metrics`` over HTTP, many concurrent clients, and the
+``lmcache_server`` argument form."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from servers import LmServerProc, ServerProc, free_port, lm_server
 
 from kvpipe.connectors.lm import LmConnector
 from kvpipe.errors import TierUnavailable
-from kvpipe.lm.protocol import FRAME_SIZE, RESP_REFUSAL, Frame, Op, Status
+from kvpipe.lm.protocol import FRAME_SIZE, RESP_REFUSAL, Frame, Op, Status, parse_metrics
 
 
 def _recv_all_or_eof(s: socket.socket) -> bytes:
@@ -30,7 +31,9 @@ def _recv_all_or_eof(s: socket.socket) -> bytes:
 
 
 @pytest.mark.parametrize("garbage", [
-    b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"x" * 64,                     # not our protocol
+    b"SSH-2.0-OpenSSH_9.6\r\n" + b"x" * 64,                              # not our protocol
+    b"GARBAGE\r\n\r\n" + b"x" * 64,                                      # nor HTTP, though it starts with G
+    b"GET /metrics HTTP/1.1\r\n" + b"x" * 20000 + b"\r\n\r\n",            # an HTTP header line too long
     Frame(Op.GET, 1, key_len=1 << 20).to_bytes(),                        # oversized key
     Frame(Op.PUT, 1, key_len=1, payload_len=1 << 50).to_bytes() + b"k",  # oversized payload
     Frame(Op.GET, 1, version=7).to_bytes(),                              # future version
@@ -74,6 +77,46 @@ async def test_auth_token(tmp_path: Path, key_model: str) -> None:
             finally:
                 await tier.aclose()
         assert "wrong auth token" in srv.log_tail()
+    finally:
+        srv.stop()
+
+
+def _http_get(port: int, path: str, *headers: str) -> tuple[str, dict[str, str], str]:
+    """``GET path`` over a plain socket: (status line, headers, body); the server closes after one request."""
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall("".join(f"{line}\r\n" for line in (f"GET {path} HTTP/1.1", "Host: x", *headers, "")).encode())
+        head, _, body = _recv_all_or_eof(s).partition(b"\r\n\r\n")
+    status, *lines = head.decode().split("\r\n")
+    hdrs = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    assert int(hdrs["content-length"]) == len(body)
+    return status, hdrs, body.decode()
+
+
+async def test_http_metrics(lm: LmServerProc, tmp_path: Path, key_model: str) -> None:
+    tier = await open_tier(lm.url)
+    try:
+        before = await tier.connector.stats()  # type: ignore[attr-defined]
+        assert await tier.put_many([key(key_model, i) for i in range(3)], [chunk(i) for i in range(3)]) == 3
+        status, hdrs, body = _http_get(lm.port, "/metrics")
+        assert status == "HTTP/1.1 200 OK" and hdrs["content-type"].startswith("text/plain; version=0.0.4")
+        scraped = parse_metrics(body)  # the same counters as STATS, in Prometheus' text format
+        assert scraped["kvpipe_server_puts"] == before["kvpipe_server_puts"] + 3
+        assert scraped["kvpipe_server_entries"] == before["kvpipe_server_entries"] + 3
+        assert "# TYPE kvpipe_server_puts counter" in body and "# TYPE kvpipe_server_entries gauge" in body
+        status, _, body = _http_get(lm.port, "/")
+        assert status == "HTTP/1.1 404 Not Found" and "GET /metrics" in body
+        assert (await tier.connector.stats())["kvpipe_server_metrics_requests"] >= 1  # type: ignore[attr-defined]
+        assert tier.available and await tier.contains_many([key(key_model, 0)]) == [True]  # lm:// unaffected
+    finally:
+        await tier.aclose()
+    srv = lm_server(tmp_path, "--auth-token", "s3cret").start()
+    try:
+        status, _, body = _http_get(srv.port, "/metrics")
+        assert status == "HTTP/1.1 401 Unauthorized" and "Bearer" in body and "kvpipe_server" not in body
+        status, _, _ = _http_get(srv.port, "/metrics", "Authorization: Bearer wrong")
+        assert status == "HTTP/1.1 401 Unauthorized"
+        status, _, body = _http_get(srv.port, "/metrics", "Authorization: Bearer s3cret")
+        assert status == "HTTP/1.1 200 OK" and parse_metrics(body)["kvpipe_server_entries"] == 0
     finally:
         srv.stop()
 

@@ -8,6 +8,9 @@ an entry being sent keeps its region (ref count) until the send ends.
 
 A malformed, oversized or unauthenticated frame closes that connection with a logged reason; the server and the
 other clients carry on.
+
+The same port answers an HTTP ``GET /metrics`` (``curl http://HOST:PORT/metrics``, a Prometheus scrape) with the
+``STATS`` counters, one request per connection; with ``--auth-token`` it takes ``Authorization: Bearer TOKEN``.
 """
 
 from __future__ import annotations
@@ -43,6 +46,9 @@ __all__ = ["LmServer", "serve_forever"]
 log = logging.getLogger(__name__)
 
 _DEFAULT_MAX_SIZE_GB = 4.0
+_HTTP_LINE = 8192  # an HTTP request line or header longer than this closes the connection
+_HTTP_HEADERS = 100  # and so do more header lines than this
+_HTTP_DEADLINE = 10.0  # seconds for a whole HTTP request to arrive
 
 
 @attrs.define(eq=False)
@@ -66,7 +72,7 @@ class LmServer:
         if self.max_frame is None:
             self.max_frame = self.pool.capacity
         for name in ("hits", "misses", "puts", "put_bytes", "get_bytes", "deletes", "evictions", "no_space",
-                     "rejected_frames", "connections_total"):
+                     "rejected_frames", "connections_total", "metrics_requests"):
             self._counters[name] = 0
 
     # -- storage ------------------------------------------------------------------------------------------------
@@ -95,15 +101,12 @@ class LmServer:
 
     def metrics_text(self) -> str:
         """Prometheus-style ``name value`` lines (the ``STATS`` reply)."""
-        c = self._counters
-        lines = [
-            "# kvpipe lm server",
-            f"kvpipe_server_entries {len(self._index)}",
-            f"kvpipe_server_bytes_used {self.pool.used}",
-            f"kvpipe_server_capacity_bytes {self.pool.capacity}",
-            f"kvpipe_server_connections_open {len(self._conns)}",
-        ]
-        lines += [f"kvpipe_server_{k} {v}" for k, v in c.items()]
+        gauges = {"entries": len(self._index), "bytes_used": self.pool.used, "capacity_bytes": self.pool.capacity,
+                  "connections_open": len(self._conns)}
+        lines = ["# kvpipe lm server"]
+        for kind, values in (("gauge", gauges), ("counter", self._counters)):
+            for k, v in values.items():
+                lines += [f"# TYPE kvpipe_server_{k} {kind}", f"kvpipe_server_{k} {v}"]
         return "\n".join(lines) + "\n"
 
     def close_storage(self) -> None:
@@ -167,6 +170,9 @@ class LmServer:
                     return
                 first = io.peek(1)
                 if first != MAGIC[:1]:  # not a frame: fail now, not after waiting for 32 bytes that may never come
+                    if first == b"G":
+                        await self._http(io, peer)
+                        return
                     if first == b"*":
                         await io.send_all([RESP_REFUSAL])
                         raise ProtocolError("a Redis client (RESP) connected: it was told to use an lm:// URL")
@@ -196,6 +202,48 @@ class LmServer:
         finally:
             self._conns.discard(io)
             io.close()
+
+    async def _http(self, io: SocketIO, peer: str) -> None:
+        """One HTTP request: ``GET /metrics`` gets :meth:`metrics_text`; anything else a 4xx; then close.
+
+        :raises ProtocolError: for a request that is not HTTP, too long, or slower than ``_HTTP_DEADLINE``."""
+        with anyio.move_on_after(_HTTP_DEADLINE) as scope:
+            try:
+                request = (await io.readline(_HTTP_LINE)).decode("latin-1")
+                headers: dict[str, str] = {}
+                for _ in range(_HTTP_HEADERS + 1):
+                    line = (await io.readline(_HTTP_LINE)).decode("latin-1")
+                    if not line:
+                        break
+                    name, sep, value = line.partition(":")
+                    if not sep:
+                        raise ProtocolError(f"HTTP: malformed header line {line[:60]!r}")
+                    headers[name.strip().lower()] = value.strip()
+                else:
+                    raise ProtocolError(f"HTTP: more than {_HTTP_HEADERS} header lines")
+            except ValueError as exc:  # a line without its CRLF within _HTTP_LINE bytes
+                raise ProtocolError(f"HTTP: {exc}") from None
+        if scope.cancelled_caught:
+            raise ProtocolError(f"HTTP: no complete request within {_HTTP_DEADLINE:g} s")
+        method, _, rest = request.partition(" ")
+        target, _, version = rest.partition(" ")
+        if not version.startswith("HTTP/"):
+            raise ProtocolError(f"not an lm:// frame nor an HTTP request ({request[:60]!r})")
+        path = target.split("?", 1)[0].rstrip("/")
+        if self.auth_token is not None and not hmac.compare_digest(
+                headers.get("authorization", "").encode(), f"Bearer {self.auth_token}".encode()):
+            status, body = "401 Unauthorized", "the server has an auth token: send Authorization: Bearer TOKEN\n"
+            log.warning("HTTP %s %s from %s without the auth token", method, path, peer)
+        elif method != "GET" or path != "/metrics":
+            status, body = "404 Not Found", "this is a kvpipe lm:// server: GET /metrics for its counters\n"
+        else:
+            self._counters["metrics_requests"] += 1
+            status, body = "200 OK", self.metrics_text()
+        data = body.encode()
+        head = (f"HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n"
+                f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n")
+        with anyio.move_on_after(_HTTP_DEADLINE):
+            await io.send_all([head.encode(), data])
 
     @staticmethod
     async def _reply(io: SocketIO, req: Frame, status: Status, payload: bytes | memoryview = b"") -> None:
