@@ -84,17 +84,30 @@ def test_key_and_entry_lists_round_trip() -> None:
     assert decode_entries(encode_entries(entries)) == entries
 
 
-@pytest.mark.parametrize("blob", [b"", b"\x01\x00\x00\x00", b"\x01\x00\x00\x00\x05\x00\x00\x00ab",
-                                  encode_keys(["a"]) + b"x", b"\x01\x00\x00\x00\x02\x00\x00\x00\xff\xfe"])
-def test_malformed_key_lists(blob: bytes) -> None:
-    with pytest.raises(ProtocolError):
+@pytest.mark.parametrize(("blob", "why"), [
+    (b"", "cut short after 0 keys (0 bytes)"),
+    (b"\x01\x00\x00\x00", "cut short after 0 keys (4 bytes)"),
+    (b"\x01\x00\x00\x00\x05\x00\x00\x00ab", "key list entry out of bounds"),
+    (encode_keys(["a"]) + b"x", "trailing bytes after key list"),
+    (b"\x01\x00\x00\x00\x02\x00\x00\x00\xff\xfe", "key 0 is not UTF-8"),
+    (b"\x05\x00\x00\x00" + encode_keys(["a", "b"])[4:], "cut short after 2 keys (14 bytes)"),
+])
+def test_malformed_key_lists(blob: bytes, why: str) -> None:
+    with pytest.raises(ProtocolError) as exc:
         decode_keys(blob)
+    assert str(exc.value).endswith(why) and "\n" not in str(exc.value)
 
 
-@pytest.mark.parametrize("blob", [b"", encode_entries([("a", 1)])[:-1], encode_entries([("a", 1)]) + b"z"])
-def test_malformed_entry_lists(blob: bytes) -> None:
-    with pytest.raises(ProtocolError):
+@pytest.mark.parametrize(("blob", "why"), [
+    (b"", "cut short after 0 entries (0 bytes)"),
+    (encode_entries([("a", 1)])[:-1], "entry list item out of bounds"),
+    (encode_entries([("a", 1)]) + b"z", "trailing bytes after entry list"),
+    (encode_entries([("a", 1), ("b", 2)])[:-13], "cut short after 1 entries (17 bytes)"),
+])
+def test_malformed_entry_lists(blob: bytes, why: str) -> None:
+    with pytest.raises(ProtocolError) as exc:
         decode_entries(blob)
+    assert str(exc.value).endswith(why)
 
 
 def test_metrics_text() -> None:

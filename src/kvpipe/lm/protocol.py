@@ -181,9 +181,10 @@ def encode_keys(keys: Sequence[str]) -> bytes:
 
 def decode_keys(data: bytes | memoryview) -> list[str]:
     """Inverse of :func:`encode_keys`. :raises ProtocolError: when malformed."""
+    out: list[str] = []
     try:
         (n,) = _U32.unpack_from(data, 0)
-        pos, out = 4, []
+        pos = 4
         for _ in range(n):
             (ln,) = _U32.unpack_from(data, pos)
             pos += 4
@@ -191,8 +192,10 @@ def decode_keys(data: bytes | memoryview) -> list[str]:
                 raise ProtocolError("key list entry out of bounds")
             out.append(bytes(data[pos : pos + ln]).decode())
             pos += ln
-    except (struct.error, UnicodeDecodeError) as exc:
-        raise ProtocolError(f"malformed key list: {exc}") from None
+    except struct.error:
+        raise ProtocolError(f"malformed key list: cut short after {len(out)} keys ({len(data)} bytes)") from None
+    except UnicodeDecodeError:
+        raise ProtocolError(f"malformed key list: key {len(out)} is not UTF-8") from None
     if pos != len(data):
         raise ProtocolError("trailing bytes after key list")
     return out
@@ -210,9 +213,10 @@ def encode_entries(entries: Sequence[tuple[str, int]]) -> bytes:
 
 def decode_entries(data: bytes | memoryview) -> list[tuple[str, int]]:
     """Inverse of :func:`encode_entries`. :raises ProtocolError: when malformed."""
+    out: list[tuple[str, int]] = []
     try:
         (n,) = _U32.unpack_from(data, 0)
-        pos, out = 4, []
+        pos = 4
         for _ in range(n):
             ln, size = _U32U64.unpack_from(data, pos)
             pos += _U32U64.size
@@ -220,8 +224,10 @@ def decode_entries(data: bytes | memoryview) -> list[tuple[str, int]]:
                 raise ProtocolError("entry list item out of bounds")
             out.append((bytes(data[pos : pos + ln]).decode(), size))
             pos += ln
-    except (struct.error, UnicodeDecodeError) as exc:
-        raise ProtocolError(f"malformed entry list: {exc}") from None
+    except struct.error:
+        raise ProtocolError(f"malformed entry list: cut short after {len(out)} entries ({len(data)} bytes)") from None
+    except UnicodeDecodeError:
+        raise ProtocolError(f"malformed entry list: key {len(out)} is not UTF-8") from None
     if pos != len(data):
         raise ProtocolError("trailing bytes after entry list")
     return out
