@@ -41,7 +41,7 @@ async def test_inspect_list_and_delete_by_model(kind: str, request: pytest.Fixtu
         await tier.aclose()
 
 
-@pytest.mark.parametrize("kind", ["redis", "cluster", "lm", "mooncake", "mock"])
+@pytest.mark.parametrize("kind", ["redis", "sentinel", "cluster", "lm", "mooncake", "mock"])
 async def test_inspect_verify_counts_tokens_and_names_bad_entries(kind: str, request: pytest.FixtureRequest,
                                                                    key_model: str) -> None:
     url = url_for(kind, request)
