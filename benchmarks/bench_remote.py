@@ -53,6 +53,38 @@ MiB = 1 << 20
 # slot's buffer. A batch uses one slot per chunk, so the server moves as many distinct bytes as a real store
 # serving that batch (with one shared buffer, 8 x 4 MiB would be the same cache-hot 4 MiB sent 8 times: 5-8% faster
 # here than 8 distinct chunks, which no store serves).
+# redis-py GET in a child process whose glibc gives every big allocation fresh pages (MALLOC_MMAP_THRESHOLD_ fixed at
+# glibc's default 128 KiB, so the threshold does not rise after the first free): the reply's bytes object
+# page-faults on every GET, as for every value over 32 MiB (glibc's highest threshold) and in a process whose
+# threshold has not risen. The issue's "~0.8 GB/s" for redis-py GET is this case; the in-process redis-py baselines
+# reuse heap memory after warm-up. Prints the seconds of each GET as a JSON list.
+_RPY_FRESH = r"""
+import json, sys, time, redis
+r = redis.Redis(port=int(sys.argv[1]))
+key, n = sys.argv[2].encode(), int(sys.argv[3])
+for _ in range(3):
+    r.get(key)
+out = []
+for _ in range(n):
+    t = time.perf_counter(); v = r.get(key); out.append(time.perf_counter() - t); del v
+print(json.dumps(out))
+"""
+
+
+def redis_py_fresh_memory(port: int, key: bytes, size: int, n: int) -> dict[str, float] | None:
+    """:data:`_RPY_FRESH`'s figures (``gbps``, ``median_ms``, ``p99_ms``, ``n``), or ``None`` when it failed."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    r = subprocess.run([sys.executable, "-c", _RPY_FRESH, str(port), key.decode(), str(n)], capture_output=True,
+                       text=True, timeout=600, env=env)
+    if r.returncode != 0:
+        print(f"redis-py (fresh memory) failed: {r.stderr.strip()[-300:]}", file=sys.stderr)
+        return None
+    s = sorted(json.loads(r.stdout))
+    med = statistics.median(s)
+    return {"median_ms": med * 1e3, "p99_ms": s[min(len(s) - 1, round(0.99 * (len(s) - 1)))] * 1e3,
+            "gbps": size / med / 1e9, "n": len(s)}
+
+
 _RAW_SERVER = r"""
 import os, socket, struct, sys, threading
 SNDBUF = int(sys.argv[3])
@@ -581,8 +613,9 @@ def print_size(res: dict[str, Any], name_width: int, ratio_width: int) -> None:
     """Each method's figures and the ratios of one size."""
     for m, v in res.items():
         if isinstance(v, dict) and "gbps" in v:
+            cpu = f"   client CPU {v['client_cpu_ms']:6.2f} ms" if "client_cpu_ms" in v else ""
             print(f"  {m:{name_width}s} {v['gbps']:6.2f} GB/s   median {v['median_ms']:7.2f} ms   p99 "
-                  f"{v['p99_ms']:7.2f} ms   client CPU {v['client_cpu_ms']:6.2f} ms")
+                  f"{v['p99_ms']:7.2f} ms{cpu}")
     for name, x in res["ratios"].items():
         print(f"  {name:{ratio_width}s} {x:5.2f}x")
 
@@ -706,7 +739,9 @@ def main(argv: list[str] | None = None) -> int:
                 "raw clients); *_tier_put_checksum_known: another tier computed it first (memoized per chunk); "
                 "hash_after_copy_ms: what hashing right after the gather copy would cost instead. Raw clients "
                 "receive into pool memory like the tiers. Ratios and targets: medians over --repeat full runs "
-                "(ratios_per_run)",
+                "(ratios_per_run). redis_py_get_fresh_memory: redis-py GET in a child process with "
+                "MALLOC_MMAP_THRESHOLD_=131072 (every reply's bytes page-fault, as the issue's ~0.8 GB/s figure "
+                "and every value over 32 MiB do), timed once after the runs, not interleaved",
         "sizes": {},
         "pinned": pinned,
     }
@@ -731,6 +766,11 @@ def main(argv: list[str] | None = None) -> int:
             for name, x in r.items():
                 if name.endswith("_vs_best_raw"):
                     res["targets"][f"{name[:-12]} >= 0.85x the faster raw client"] = x >= 0.85
+            fresh = redis_py_fresh_memory(redis_srv.port, b"bench-raw-%d" % (mib * MiB), mib * MiB, iters)
+            if fresh is not None:  # a baseline for what the issue's 4x is about; not interleaved, not a target
+                res["redis_py_get_fresh_memory"] = fresh
+                r["redis_tier_get_vs_redis_py_fresh_memory"] = res["redis_tier_get"]["gbps"] / fresh["gbps"]
+                r["redis_py_get_vs_redis_py_fresh_memory"] = res["redis_py_get"]["gbps"] / fresh["gbps"]
             bench = redis_benchmark(redis_srv.port, mib * MiB, max(5, iters))
             res["redis_benchmark"] = bench if bench is not None else "not available (no binary on PATH, and " \
                                                                     "Debian's redis-tools could not be fetched)"

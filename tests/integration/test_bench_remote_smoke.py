@@ -21,7 +21,8 @@ def test_bench_remote_quick(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr[-3000:]
     data = json.loads(out.read_text())
     res = data["sizes"]["4MiB"]
-    for m in ("redis_tier_get", "redis_py_get", "redis_raw_socket_get", "lm_tier_get", "raw_tcp_get"):
+    for m in ("redis_tier_get", "redis_py_get", "redis_raw_socket_get", "lm_tier_get", "raw_tcp_get",
+              "redis_py_get_fresh_memory"):
         assert res[m]["gbps"] > 0 and res[m]["p99_ms"] >= res[m]["median_ms"]
     assert set(res["ratios"]) >= {"redis_tier_get_vs_raw_socket", "redis_tier_get_vs_redis_py",
                                   "lm_tier_get_vs_raw_tcp", "redis_raw_socket_get_vs_redis_py"}
