@@ -26,6 +26,7 @@ def test_bench_remote_quick(tmp_path: Path) -> None:
         assert res[m]["gbps"] > 0 and res[m]["p99_ms"] >= res[m]["median_ms"]
     assert set(res["ratios"]) >= {"redis_tier_get_vs_raw_socket", "redis_tier_get_vs_redis_py",
                                   "lm_tier_get_vs_raw_tcp", "redis_raw_socket_get_vs_redis_py"}
+    assert "redis_tier_get >= 4x redis-py (sync, reply in fresh memory)" in res["targets"]
     # redis-benchmark: one on PATH, else Debian's, fetched (a machine that cannot reach deb.debian.org says so)
     bench = res["redis_benchmark"]
     if isinstance(bench, dict):
