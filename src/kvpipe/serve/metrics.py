@@ -58,6 +58,18 @@ def _esc(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
+# TierStats.extra counters exported per tier, where a tier keeps them: (key, help text).
+_TIER_EVENTS = (
+    ("down_events", "Times a tier was marked down (refused, reset, timed out, protocol error, failover)."),
+    ("dropped_while_down", "Chunk writes dropped because the tier was down."),
+    ("timeouts", "Calls that ran past blocking_timeout_secs."),
+    ("errors", "Calls that failed without taking the tier down."),
+    ("reconnects", "Times a down tier came back."),
+    ("bytes_read", "Payload bytes read from a tier."),
+    ("bytes_written", "Payload bytes written to a tier."),
+)
+
+
 def _series(name: str, kind: str, doc: str, samples: Iterable[tuple[str, float]]) -> list[str]:
     lines = [f"# HELP {name} {doc}", f"# TYPE {name} {kind}"]
     lines += [f"{name}{labels} {value:g}" if isinstance(value, float) else f"{name}{labels} {value}"
@@ -105,6 +117,21 @@ def render_prometheus(m: ServeMetrics, stats: CacheStats | None, *, queue_depth:
                        [(f'{{tier="{_esc(n)}"}}', t.hits) for n, t in tiers])
         out += _series("kvpipe_tier_misses_total", "counter", "Chunk misses of each cache tier.",
                        [(f'{{tier="{_esc(n)}"}}', t.misses) for n, t in tiers])
+        out += _series("kvpipe_tier_up", "gauge", "1 while a tier serves, 0 while it is down (a remote that cannot be "
+                       "reached: misses, dropped writes, reconnecting).",
+                       [(f'{{tier="{_esc(n)}"}}', int(t.available)) for n, t in tiers])
+        out += _series("kvpipe_tier_puts_total", "counter", "Chunks written to each cache tier.",
+                       [(f'{{tier="{_esc(n)}"}}', t.puts) for n, t in tiers])
+        out += _series("kvpipe_tier_put_failures_total", "counter",
+                       "Chunk writes a tier did not take (remote down, failed or full).",
+                       [(f'{{tier="{_esc(n)}"}}', t.put_failures) for n, t in tiers])
+        out += _series("kvpipe_tier_corrupt_total", "counter",
+                       "Corrupt, truncated or foreign entries found (each was a miss and was deleted).",
+                       [(f'{{tier="{_esc(n)}"}}', t.corrupt) for n, t in tiers])
+        for key, doc in _TIER_EVENTS:  # the counters some tiers keep beside those (the remote tier's, mostly)
+            samples = [(f'{{tier="{_esc(n)}"}}', t.extra[key]) for n, t in tiers if key in t.extra]
+            if samples:
+                out += _series(f"kvpipe_tier_{key}_total", "counter", doc, samples)
         out += _series("kvpipe_dropped_writes_total", "counter", "Chunk writes dropped (full write-behind queue).",
                        [("", stats.dropped_writes)])
     return "\n".join(out) + "\n"
