@@ -68,6 +68,13 @@ def print_report(report: dict[str, Any]) -> None:
         tokens = f"{g['tokens']} tokens, " if "tokens" in g else ""
         print(f"  model={g['model']} dtype={g.get('dtype')} world_size={g.get('world_size')} "
               f"worker={g.get('worker_id')}: {g['chunks']} chunks, {tokens}{g['bytes'] / 1e6:.1f} MB")
+    srv = report.get("server")
+    if srv:
+        cap = f"of {srv['maxmemory'] / 1e6:.1f} MB" if srv.get("maxmemory") else "(no maxmemory)"
+        policy = f" ({srv['maxmemory_policy']})" if srv.get("maxmemory_policy") else ""
+        masters = f" on {srv['masters']} masters" if srv.get("masters", 1) > 1 else ""
+        print(f"  server: {srv['used_memory'] / 1e6:.1f} MB used {cap}{policy}{masters}, "
+              f"{srv.get('evicted_keys', 0)} keys evicted")
     bad = report.get("bad_entries", [])
     for line in bad:
         print(f"  BAD {line}")

@@ -30,6 +30,11 @@ async def test_inspect_list_and_delete_by_model(kind: str, request: pytest.Fixtu
         (g,) = rep["groups"]
         assert g["model"] == key_model and g["dtype"] == "float32" and g["chunks"] == 3
         assert g["bytes"] == 3 * (4096 + 80)
+        if kind in ("redis", "cluster", "lm"):  # the store's own memory figures, as `redis-cli INFO memory` gives
+            assert rep["server"]["used_memory"] > 0 and rep["server"].get("masters", 1) == (3 if kind == "cluster"
+                                                                                          else 1)
+        else:
+            assert rep["server"] is None
         one = key(other, 1).to_string()
         rep = await inspect_remote(url, cfg, pattern=one, delete=True)
         assert rep["chunks"] == 1 and rep["deleted"] == 1

@@ -137,6 +137,10 @@ async def test_lru_eviction_under_max_size(tmp_path: Path, key_model: str) -> No
         stats = await conn.stats()
         assert stats["kvpipe_server_evictions"] >= 5
         assert stats["kvpipe_server_bytes_used"] <= stats["kvpipe_server_capacity_bytes"] <= (1 << 20)
+        info = await conn.server_info()  # what `kvpipe inspect --remote` prints of the server
+        assert info == {"entries": stats["kvpipe_server_entries"], "used_memory": stats["kvpipe_server_bytes_used"],
+                        "maxmemory": stats["kvpipe_server_capacity_bytes"],
+                        "evicted_keys": stats["kvpipe_server_evictions"]}
         # A frame bigger than the whole store is an oversized frame: that connection is closed, the server lives on.
         with pytest.raises(TierUnavailable):
             await conn.put_many([("huge", hdr, memoryview(bytes(2 << 20)))])

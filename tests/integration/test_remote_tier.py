@@ -27,6 +27,8 @@ from remote_fixtures import (
 )
 from servers import ServerProc, ValkeyCluster, ValkeySentinel, valkey_server
 
+from kvpipe.config import Config
+from kvpipe.connectors.inspect import inspect_remote
 from kvpipe.connectors.plugin import connector_for_url
 from kvpipe.keys import ChunkKey
 from kvpipe.memory.pool import MemoryObj
@@ -382,6 +384,12 @@ async def test_redis_maxmemory_eviction_is_a_miss(fresh_valkey: ServerProc, key_
         for i in hits:
             assert torch.equal(got[i].tensor, chunk_tensor(i, shape))  # type: ignore[union-attr]
         release_all(got)
+        # `kvpipe inspect --remote` says so, as `redis-cli INFO` does
+        rep = await inspect_remote(f"redis://127.0.0.1:{fresh_valkey.port}", Config())
+        srv = rep["server"]
+        assert srv["evicted_keys"] == r.info("stats")["evicted_keys"] > 0 and srv["masters"] == 1
+        assert srv["maxmemory"] == 3 << 20 and srv["maxmemory_policy"] == "allkeys-lru"
+        assert 0 < srv["used_memory"] <= r.info("memory")["used_memory"] * 2
     finally:
         await tier.aclose()
         r.close()

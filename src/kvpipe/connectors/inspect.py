@@ -131,6 +131,14 @@ async def inspect_remote(url: str, config: Config, *, model: str | None = None, 
                 g["tokens"] = 0
             for key, n in tokens.items():
                 group_of[key]["tokens"] += n
+        server: dict[str, Any] | None = None
+        info = getattr(conn, "server_info", None)
+        if info is not None:  # the store's memory and evictions: what `redis-cli INFO memory` users look at
+            try:
+                with anyio.fail_after(timeout):
+                    server = await info()
+            except (TierError, OSError, TimeoutError, ValueError) as exc:  # extra figures: never fail the listing
+                log.debug("inspect %s: no server info: %s", _safe(url), exc)
         deleted = 0
         for i in range(0, len(selected) if delete else 0, 1000):
             with anyio.fail_after(timeout):
@@ -143,4 +151,5 @@ async def inspect_remote(url: str, config: Config, *, model: str | None = None, 
     log.info("inspect %s: %d chunks, %d bytes, %d deleted%s", _safe(url), len(selected), total, deleted,
              f", {len(bad)} bad" if verify else "")
     return {"url": _safe(url), "chunks": len(selected), "bytes": total, "groups": list(groups.values()),
-            "other_keys": other[:100], "deleted": deleted, "verified": verify, "bad_entries": bad}
+            "other_keys": other[:100], "deleted": deleted, "verified": verify, "bad_entries": bad,
+            "server": server}

@@ -13,6 +13,7 @@ import itertools
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 from urllib.parse import unquote
 
 import anyio
@@ -229,6 +230,15 @@ class LmConnector:
         """The server's counters (``STATS``)."""
         _, body = await self._simple(Op.STATS)
         return parse_metrics(body.decode())
+
+    async def server_info(self) -> dict[str, Any]:
+        """The server's size and eviction counters from ``STATS``: ``entries``, ``used_memory``, ``maxmemory``
+        (its ``--max-size``), ``evicted_keys``."""
+        st = await self.stats()
+        return {"entries": int(st.get("kvpipe_server_entries", 0)),
+                "used_memory": int(st.get("kvpipe_server_bytes_used", 0)),
+                "maxmemory": int(st.get("kvpipe_server_capacity_bytes", 0)),
+                "evicted_keys": int(st.get("kvpipe_server_evictions", 0))}
 
     async def ping(self) -> None:
         """:raises TierUnavailable: when the server cannot be reached, or a Redis server answers there."""

@@ -760,6 +760,27 @@ class RedisConnector:
                     break
         return sorted(set(found))
 
+    async def server_info(self) -> dict[str, Any]:
+        """What ``redis-cli INFO memory`` / ``INFO stats`` tell of the store, summed over the masters:
+        ``used_memory``, ``maxmemory`` (0: no bound), ``maxmemory_policy`` (the first master's), ``evicted_keys``,
+        ``expired_keys``, ``masters``."""
+        out: dict[str, Any] = {"masters": 0, "used_memory": 0, "maxmemory": 0, "evicted_keys": 0,
+                               "expired_keys": 0}
+        for node in await self._masters():
+            async with self._conn(node) as io:
+                await io.send_all([*encode_command("INFO", "memory"), *encode_command("INFO", "stats")])
+                text = b""
+                for _ in range(2):
+                    part = check_reply(await read_reply(io), "INFO")
+                    text += part if isinstance(part, bytes) else b""
+            fields = dict(line.split(":", 1) for line in text.decode(errors="replace").splitlines()
+                          if ":" in line and not line.startswith("#"))
+            out["masters"] += 1
+            for k in ("used_memory", "maxmemory", "evicted_keys", "expired_keys"):
+                out[k] += int(fields.get(k, "0") or 0)
+            out.setdefault("maxmemory_policy", fields.get("maxmemory_policy", "?"))
+        return out
+
     async def list_keys(self, pattern: str) -> list[str]:
         """Entry keys whose string matches the glob ``pattern`` (``SCAN`` over every master)."""
         return await self._scan(pattern)
