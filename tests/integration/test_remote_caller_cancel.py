@@ -136,10 +136,19 @@ async def test_the_cache_under_callers_giving_up(kind: str, disk: bool, request:
         assert seen["cancelled"] > 0 and seen["hits"] > 0, seen
         s = cache.statistics()
         assert s.tier_errors == 0 and s.tiers["remote"].extra["down_events"] == 0, s.as_dict()
-        # Afterwards: every document stored once more, and (once written behind) read back whole.
+        # Afterwards: every document stored once more, and (once written behind) read back whole. A write-behind
+        # dropped under the random phase's load is written again by these stores (the chunk may be in CPU alone).
         for d in range(6):
             await cache.store(DOCS[d], KVS[d])
-        await cache.flush()
+            await cache.flush()
         for d in range(6):
             res = await cache.retrieve(DOCS[d])
-            assert res.num_tokens == 8 * CHUNK and torch.equal(res.kv, KVS[d]), (d, res.num_tokens, res.hits_by_tier)
+            if res.num_tokens != 8 * CHUNK:
+                st = cache.statistics()
+                why = {"dropped_writes": st.dropped_writes, **{f"{n}.{k}": v for n, t in st.tiers.items()
+                                                                for k, v in (("puts", t.puts),
+                                                                             ("put_failures", t.put_failures),
+                                                                             ("evictions", t.evictions),
+                                                                             ("chunks", t.chunks))}}
+                raise AssertionError(f"doc {d}: {res.num_tokens} tokens {res.hits_by_tier}; {why}")
+            assert torch.equal(res.kv, KVS[d])

@@ -83,5 +83,28 @@ class WriteStage(StageBase):
             if stored or any(queued):
                 for i in idx:
                     batch.tiers[i] = "new"
+        if self.cpu is not None:
+            self._resubmit(batch)
         batch.release()
         return batch
+
+    def _resubmit(self, batch: Batch) -> None:
+        """Queue again, for each slower tier, the chunks this store found in the CPU tier whose earlier write to
+        that tier was dropped or failed (see :mod:`kvpipe.pipeline.write_behind`): they are not new, but they
+        have not reached that tier."""
+        cached = [i for i, t in enumerate(batch.tiers) if t == "cpu"]
+        if not cached:
+            return
+        keys = [batch.keys[i] for i in cached]
+        for wb in self.behind:
+            todo = wb.unwritten(keys)
+            if not todo:
+                continue
+            objs = self.cpu.peek_many_nowait([keys[j] for j in todo])  # type: ignore[union-attr]
+            have = [(keys[j], o) for j, o in zip(todo, objs, strict=True) if o is not None]
+            try:
+                if have:
+                    wb.submit_nowait([k for k, _ in have], [o for _, o in have])
+            finally:
+                for _, o in have:
+                    o.release()

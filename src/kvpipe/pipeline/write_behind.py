@@ -3,11 +3,18 @@
 ``submit_nowait`` never blocks the store path: when the queue is full the write is dropped and counted. The
 worker holds a reference on each memory object until it is written, so the pool region cannot be reused under
 a write in flight.
+
+A chunk whose write was dropped, or failed (the tier was down, or took fewer than it was given), is remembered as
+*unwritten* (the newest ``UNWRITTEN_MAX`` of them). Such a chunk may still be in the CPU tier, where a later store
+of the same tokens finds it and would skip it: the store path asks :meth:`WriteBehind.unwritten` and submits those
+chunks again, so storing a prompt again makes it reach the slower tiers after an overload or an outage, instead of
+the chunk living in CPU memory alone until it is evicted.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import anyio
@@ -24,6 +31,8 @@ log = logging.getLogger(__name__)
 
 _Item = tuple[list[ChunkKey], list[MemoryObj]]
 
+UNWRITTEN_MAX = 1 << 16  # unwritten chunks remembered per tier (older ones are forgotten: a miss later, no harm)
+
 
 @attrs.define(eq=False)
 class WriteBehind:
@@ -38,6 +47,7 @@ class WriteBehind:
     queued_chunks: int = 0
     written_chunks: int = 0
     dropped_chunks: int = 0
+    _unwritten: OrderedDict[ChunkKey, None] = attrs.field(factory=OrderedDict)
 
     def __attrs_post_init__(self) -> None:
         self._send, self._receive = anyio.create_memory_object_stream[_Item](self.queue_size)
@@ -53,8 +63,11 @@ class WriteBehind:
             for o in held:
                 o.release()
             self.dropped_chunks += len(held)
+            self._remember(keys)
             log.debug("%s write queue full: dropped %d chunks", self.guard.tier.name, len(held))
             return False
+        for k in keys:
+            self._unwritten.pop(k, None)
         self._pending += 1
         self.queued_chunks += len(held)
         if self._idle.is_set():
@@ -68,12 +81,27 @@ class WriteBehind:
                 try:
                     n = await self.guard.call("put_many", 0, keys, objs)
                     self.written_chunks += n
+                    if n < len(keys):  # which ones the tier took is not known: all may be written again
+                        self._remember(keys)
                 finally:
                     for o in objs:
                         o.release()
                     self._pending -= 1
                     if self._pending == 0:
                         self._idle.set()
+
+    def _remember(self, keys: Sequence[ChunkKey]) -> None:
+        for k in keys:
+            self._unwritten[k] = None
+            self._unwritten.move_to_end(k)
+        while len(self._unwritten) > UNWRITTEN_MAX:
+            self._unwritten.popitem(last=False)
+
+    def unwritten(self, keys: Sequence[ChunkKey]) -> list[int]:
+        """The indices of ``keys`` whose last write to this tier was dropped or failed."""
+        if not self._unwritten:
+            return []
+        return [i for i, k in enumerate(keys) if k in self._unwritten]
 
     async def flush(self) -> None:
         """Wait until every queued write is done."""

@@ -65,6 +65,15 @@ class CpuTier:
                 out.append(obj.ref())
         return out
 
+    def peek_many_nowait(self, keys: Sequence[ChunkKey]) -> list[MemoryObj | None]:
+        """The cached chunks (one new reference each) or ``None``, for the cache's own use (writing a chunk behind
+        again): not counted as hits or misses, recency unchanged."""
+        out: list[MemoryObj | None] = []
+        for k in keys:
+            obj = self._entries.get(k)
+            out.append(None if obj is None else obj.ref())
+        return out
+
     async def put_many(self, keys: Sequence[ChunkKey], objs: Sequence[MemoryObj]) -> int:
         """Cache ``objs``; pool regions are adopted (no copy), other tensors are copied into the pool."""
         return self.put_many_nowait(keys, objs)
