@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import logging
 import ssl
-import sys
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager, nullcontext
@@ -62,7 +61,8 @@ import attrs
 from redis.crc import key_slot
 
 from kvpipe.connectors.base import Entry, GetResult, ReadInto, aiter_of, call_deadline
-from kvpipe.connectors.redis_cluster import NODE_SHARE, ClusterMap, NodeHung, parse_cluster_slots
+from kvpipe.connectors.redis_cluster import NODE_SHARE, ClusterMap, parse_cluster_slots
+from kvpipe.connectors.redis_nodes import NODE_DOWN, Node, NodeTimedOut, NodeUnreachable, gather, send_next
 from kvpipe.connectors.redis_replicas import ReplicaChooser
 from kvpipe.connectors.redis_sentinel import REPLICA_REFRESH_S, SentinelView
 from kvpipe.connectors.redis_url import Addr, parse_redis_url
@@ -70,9 +70,6 @@ from kvpipe.connectors.resp import UNAVAILABLE_KINDS, RespError, check_reply, en
 from kvpipe.connectors.sockio import Buffer, ConnectionPool, SocketIO, connect_tcp, connect_unix
 from kvpipe.errors import ProtocolError, TierError, TierUnavailable
 from kvpipe.serde.entry import payload_digest
-
-if sys.version_info < (3, 11):
-    from exceptiongroup import BaseExceptionGroup
 
 __all__ = ["KV_SUFFIX", "META_SUFFIX", "RedisConnector"]
 
@@ -87,73 +84,10 @@ _EMPTY = memoryview(b"")
 T = TypeVar("T")
 
 
-class _NodeDown:
-    """A reply placeholder: this command's cluster node is down (not the same as a nil reply)."""
-
-    def __repr__(self) -> str:
-        return "<node down>"
-
-
-_NODE_DOWN = _NodeDown()
-
-
-class _NodeUnreachable(TierUnavailable):
-    """A node's connection failed (refused, reset, closed, garbled): the node, not the request, is the problem."""
-
-
-class _NodeHung(_NodeUnreachable, NodeHung):
-    """A cluster node did not answer within its share of the call's deadline."""
-
-
 def _half(meta_exists: int, kv_pttl: int) -> bool:
     """Whether a cluster entry is half there, from ``EXISTS`` of its header and ``PTTL`` of its payload (-2: no
     payload, -1: a persistent one, else a payload still being written, which is not half an entry)."""
     return (meta_exists == 1 and kv_pttl == -2) or (meta_exists == 0 and kv_pttl == -1)
-
-
-def _sender(io: SocketIO, bufs: Sequence[Buffer]) -> Callable[[], Awaitable[None]] | None:
-    """``read_bulk_into``'s ``on_header``: send the next command(s) once the current big reply starts arriving.
-
-    Why not pipeline every payload GET at once: the server copies each queued reply into its output buffer, and
-    with 8 x 4 MiB queued a batch moved at about half the speed of asking for one value while the previous one
-    drains (measured here with a raw client: 0.8-2.1 vs 1.6-2.3 GB/s). Asking one ahead keeps the server busy and
-    its buffer at one or two values."""
-    if not bufs:
-        return None
-
-    async def send() -> None:
-        await io.send_all(bufs)
-    return send
-
-
-async def _gather(fns: Sequence[Callable[[], Coroutine[Any, Any, None]]]) -> None:
-    """Run ``fns`` concurrently; re-raise the first failure unwrapped (not as an ExceptionGroup)."""
-    if len(fns) == 1:
-        await fns[0]()
-        return
-    try:
-        async with anyio.create_task_group() as tg:
-            for fn in fns:
-                tg.start_soon(fn)
-    except BaseExceptionGroup as eg:
-        for exc in _leaves(eg):
-            if not isinstance(exc, anyio.get_cancelled_exc_class()):
-                raise exc from eg
-        raise
-
-
-def _leaves(eg: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    out: list[BaseException] = []
-    for e in eg.exceptions:
-        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
-    return out
-
-
-@attrs.define(eq=False)
-class _Node:
-    addr: Addr
-    pool: ConnectionPool
-    replica: bool = False  # a Sentinel replica used for reads (its failures never touch the master state)
 
 
 @attrs.define(eq=False)
@@ -174,8 +108,8 @@ class RedisConnector:
     sentinel_password: str | None = attrs.field(default=None, repr=False)
     max_connections: int = 8
     read_from_replicas: bool = False
-    _nodes: dict[Addr, _Node] = attrs.field(init=False, factory=dict)
-    _replica_nodes: dict[Addr, _Node] = attrs.field(init=False, factory=dict)
+    _nodes: dict[Addr, Node] = attrs.field(init=False, factory=dict)
+    _replica_nodes: dict[Addr, Node] = attrs.field(init=False, factory=dict)
     _sentinel: SentinelView = attrs.field(init=False, default=attrs.Factory(
         lambda self: SentinelView(self._safe_url, self.addrs, self.master_name, self._open, self.sentinel_password,
                                   self.read_from_replicas), takes_self=True))
@@ -257,7 +191,7 @@ class RedisConnector:
             self._sentinel.forget_master()
             raise TierUnavailable(f"{self._safe_url}: node is not the master of {self.master_name!r} (failover?)")
 
-    def _node(self, addr: Addr, replica: bool = False) -> _Node:
+    def _node(self, addr: Addr, replica: bool = False) -> Node:
         """The node (connection pool) of ``addr``; ``replica``: a Sentinel replica read from (no role check)."""
         nodes = self._replica_nodes if replica else self._nodes
         node = nodes.get(addr)
@@ -266,14 +200,14 @@ class RedisConnector:
                 raise TierUnavailable(f"{self._safe_url}: connector closed")
             pool = ConnectionPool(lambda: self._open(addr), max_connections=self.max_connections,
                                   on_connect=self._setup_replica if replica else self._setup)
-            node = nodes[addr] = _Node(addr, pool, replica=replica)
+            node = nodes[addr] = Node(addr, pool, replica=replica)
         return node
 
     @asynccontextmanager
-    async def _conn(self, node: _Node) -> AsyncIterator[SocketIO]:
+    async def _conn(self, node: Node) -> AsyncIterator[SocketIO]:
         """A connection to ``node`` for one exchange. In a cluster the exchange gets ``NODE_SHARE`` of the time
         left before the call's deadline: a node that hangs (stopped, a host gone without a reset) then fails
-        alone, as ``_NodeHung``, and the other nodes' answers still count, where it would have used up the whole
+        alone, as ``NodeTimedOut``, and the other nodes' answers still count, where it would have used up the whole
         call's deadline and taken the tier down."""
         budget = float("inf")  # also when the call has no deadline
         scope: anyio.CancelScope | None = None
@@ -288,21 +222,21 @@ class RedisConnector:
                     yield io
         except (OSError, ProtocolError) as exc:
             self._forget(node)
-            raise _NodeUnreachable(f"{self._safe_url} ({node.addr}): {exc}") from exc
+            raise NodeUnreachable(f"{self._safe_url} ({node.addr}): {exc}") from exc
         except TierUnavailable:
             self._forget(node)
             raise
         if scope is not None and scope.cancelled_caught:
             self._forget(node)
-            raise _NodeHung(f"{self._safe_url} ({node.addr}): no answer within {budget:.3g} s")
+            raise NodeTimedOut(f"{self._safe_url} ({node.addr}): no answer within {budget:.3g} s")
 
-    async def _node_part(self, node: _Node, part: Callable[[], Awaitable[None]]) -> BaseException | None:
+    async def _node_part(self, node: Node, part: Callable[[], Awaitable[None]]) -> BaseException | None:
         """Run ``part``, one node's share of a call. A cluster master that cannot be reached (refused, reset,
         hung) is left out for a while (:meth:`ClusterMap.failed`) and its error returned: its entries are
         misses, the other nodes' answers stand. Anywhere else the error propagates: the call fails as a whole."""
         try:
             await part()
-        except _NodeUnreachable as exc:
+        except NodeUnreachable as exc:
             if self.mode != "cluster" or node.replica:
                 raise
             self._cluster.failed(node.addr, exc)
@@ -311,7 +245,7 @@ class RedisConnector:
             self._cluster.answered(node.addr)
         return None
 
-    def _forget(self, node: _Node) -> None:
+    def _forget(self, node: Node) -> None:
         """After a failure: drop the node's idle connections, and the master address / slot map that led to it."""
         node.pool.reset()
         if node.replica:  # left out by _replicas_failed; the master state is not in question
@@ -321,18 +255,18 @@ class RedisConnector:
         elif self.mode == "cluster":
             self._cluster.stale()
 
-    async def _read_replica(self) -> _Node | None:
+    async def _read_replica(self) -> Node | None:
         """The replica the next read goes to, or ``None`` for the master (no replica reads, or none usable)."""
         if self.mode != "sentinel" or not self.read_from_replicas:
             return None
         addr = self._chooser.pick(await self._sentinel.replicas())
         return None if addr is None else self._node(addr, replica=True)
 
-    async def _replica_read(self, fn: Callable[[list[_Node]], Awaitable[T]]) -> tuple[bool, T | None]:
+    async def _replica_read(self, fn: Callable[[list[Node]], Awaitable[T]]) -> tuple[bool, T | None]:
         """Run a read that goes to replicas (``fn`` appends each replica node it uses to its argument):
         ``(True, result)``, or ``(False, None)`` when it failed; the replicas it used are then left out for a
         while (see :class:`ReplicaChooser`) and the caller reads from the master(s)."""
-        used: list[_Node] = []
+        used: list[Node] = []
         try:
             result = await fn(used)
         except (TierError, OSError, ProtocolError) as exc:
@@ -347,24 +281,24 @@ class RedisConnector:
         self._chooser.succeeded(n.addr for n in used)
         return True, result
 
-    def _replicas_failed(self, used: list[_Node], why: object) -> None:
+    def _replicas_failed(self, used: list[Node], why: object) -> None:
         for node in dict.fromkeys(used):
             node.pool.reset()
             self._chooser.failed(node.addr, why, self._safe_url)
 
-    async def _on_replica(self, fn: Callable[[_Node], Awaitable[T]]) -> tuple[bool, T | None]:
+    async def _on_replica(self, fn: Callable[[Node], Awaitable[T]]) -> tuple[bool, T | None]:
         """Sentinel: run ``fn`` on a replica when reads go to replicas: ``(True, result)``, or ``(False, None)``
         when there is none or it failed (the caller then reads from the master)."""
         node = await self._read_replica()
         if node is None:
             return False, None
 
-        async def run(used: list[_Node]) -> T:
+        async def run(used: list[Node]) -> T:
             used.append(node)
             return await fn(node)
         return await self._replica_read(run)
 
-    async def _cluster_read(self, fn: Callable[[list[_Node] | None], Awaitable[T]]) -> T:
+    async def _cluster_read(self, fn: Callable[[list[Node] | None], Awaitable[T]]) -> T:
         """A cluster read: ``fn(used)`` on replicas when ``read_from_replicas`` (see :meth:`_route`), done again on
         the masters (``fn(None)``) when that fails; else ``fn(None)``."""
         if self.read_from_replicas:
@@ -387,7 +321,7 @@ class RedisConnector:
                     reply = check_reply(await read_reply(io), "CLUSTER SLOTS")
             except TierError as exc:
                 errors.append(str(exc))
-                if isinstance(exc, _NodeUnreachable) and seed in cm.masters:
+                if isinstance(exc, NodeUnreachable) and seed in cm.masters:
                     cm.failed(seed, exc)  # a master no read had reached yet is found gone here
                 continue
             parsed = parse_cluster_slots(reply, seed)
@@ -402,7 +336,7 @@ class RedisConnector:
             return cm.slots
         raise TierUnavailable(f"{self._safe_url}: cannot read the cluster slot map: " + "; ".join(errors))
 
-    async def _route(self, key: str, used: list[_Node] | None = None) -> _Node:
+    async def _route(self, key: str, used: list[Node] | None = None) -> Node:
         """The node serving ``key``. ``used``: a cluster read that may go to replicas: a usable replica of the
         key's slot when there is one (round robin; it is appended to ``used``), else the master."""
         if self.mode == "single":
@@ -417,17 +351,17 @@ class RedisConnector:
         used.append(node)
         return node
 
-    async def _masters(self) -> list[_Node]:
+    async def _masters(self) -> list[Node]:
         if self.mode == "cluster":
             return [self._node(a) for a in dict.fromkeys(await self._cluster_slots())]
         return [await self._route("")]
 
-    async def _run_routed(self, cmds: Sequence[tuple[str, list[Buffer]]], node: _Node | None = None,
-                          used: list[_Node] | None = None) -> list[Any]:
+    async def _run_routed(self, cmds: Sequence[tuple[str, list[Buffer]]], node: Node | None = None,
+                          used: list[Node] | None = None) -> list[Any]:
         """Send each command to the node serving its routing key (pipelined per node, nodes concurrently), or all
         to ``node``; replies in command order, error replies as :class:`RespError`. ``used``: see :meth:`_route`
         (a read that may go to cluster replicas)."""
-        groups: dict[_Node, list[int]] = defaultdict(list)
+        groups: dict[Node, list[int]] = defaultdict(list)
         replies: list[Any] = [None] * len(cmds)
         if node is not None:
             groups[node] = list(range(len(cmds)))
@@ -435,11 +369,11 @@ class RedisConnector:
             for i, (rkey, _) in enumerate(cmds):
                 n = await self._route(rkey, used)
                 if self.mode == "cluster" and not n.replica and self._cluster.is_down(n.addr):
-                    replies[i] = _NODE_DOWN
+                    replies[i] = NODE_DOWN
                 else:
                     groups[n].append(i)
 
-        def runner(node: _Node, idxs: list[int]) -> Callable[[], Coroutine[Any, Any, None]]:
+        def runner(node: Node, idxs: list[int]) -> Callable[[], Coroutine[Any, Any, None]]:
             async def exchange() -> None:
                 async with self._conn(node) as io:
                     bufs: list[Buffer] = []
@@ -451,12 +385,12 @@ class RedisConnector:
 
             async def run() -> None:
                 for i in idxs:
-                    replies[i] = _NODE_DOWN  # until answered: what a master left out midway did not answer
+                    replies[i] = NODE_DOWN  # until answered: what a master left out midway did not answer
                 await self._node_part(node, exchange)
             return run
 
-        await _gather([runner(n, idxs) for n, idxs in groups.items()])
-        if self.mode == "cluster" and replies and all(r is _NODE_DOWN for r in replies) and self._cluster.all_down():
+        await gather([runner(n, idxs) for n, idxs in groups.items()])
+        if self.mode == "cluster" and replies and all(r is NODE_DOWN for r in replies) and self._cluster.all_down():
             raise TierUnavailable(f"{self._safe_url}: no cluster master answers")
         for r in replies:
             if isinstance(r, RespError) and r.kind in ("MOVED", "ASK"):
@@ -498,7 +432,7 @@ class RedisConnector:
                 handed.add(k or "")
                 return read_into(hb, k)
 
-            async def run(used: list[_Node] | None) -> list[str]:
+            async def run(used: list[Node] | None) -> list[str]:
                 # again on the masters after a replica failed: the entries no buffer was handed out for
                 idxs = [i for i in range(len(keys)) if out[i] is None and keys[i] not in handed]
                 found = await self._cluster_get(keys, idxs, tracked, out, used)
@@ -514,7 +448,7 @@ class RedisConnector:
             started: set[int] = set()
             todo = list(range(len(keys)))
 
-            async def on(node: _Node) -> None:
+            async def on(node: Node) -> None:
                 await self._get_pipelined(node, keys, todo, read_into, out, orphans, done, started)
 
             on_replica, _ = await self._on_replica(on)
@@ -541,7 +475,7 @@ class RedisConnector:
         headless = await self._still_headless([k for k, meta in halves.items() if meta == 0])
         return [k for k, meta in halves.items() if meta == 1 or k in headless]
 
-    async def _still_headless(self, ks: Sequence[str], used: list[_Node] | None = None) -> set[str]:
+    async def _still_headless(self, ks: Sequence[str], used: list[Node] | None = None) -> set[str]:
         """Those of entries ``ks`` (seen with a persistent payload and no header) that still have no header. The
         header was looked at first and the payload after, maybe on another node: a writer may have written the
         header and made the payload persistent in between (it writes them in that order), which looks the same."""
@@ -552,7 +486,7 @@ class RedisConnector:
         return {k for k, e in zip(ks, r, strict=True) if e == 0}
 
     async def _cluster_get(self, keys: Sequence[str], idxs: Sequence[int], read_into: ReadInto,
-                           out: list[GetResult | None], used: list[_Node] | None) -> list[str]:
+                           out: list[GetResult | None], used: list[Node] | None) -> list[str]:
         """Cluster ``get_many`` of entries ``idxs``: headers first, then the payloads of the entries that have one
         (the two parts may live on different nodes); ``used``: read from replicas (see :meth:`_route`). Returns
         the half-present entries (orphans)."""
@@ -576,7 +510,7 @@ class RedisConnector:
             orphans += [k for k in headless if k in still]
         return orphans
 
-    async def _get_pipelined(self, node: _Node, keys: Sequence[str], todo: Sequence[int], read_into: ReadInto,
+    async def _get_pipelined(self, node: Node, keys: Sequence[str], todo: Sequence[int], read_into: ReadInto,
                              out: list[GetResult | None], orphans: list[str], done: set[int], started: set[int]
                              ) -> None:
         """Both parts of entries ``todo`` from one server: the headers of all and the first payload in one
@@ -604,7 +538,7 @@ class RedisConnector:
 
                 nxt = encode_command("GET", keys[fetch[j + 1]] + KV_SUFFIX) if j + 1 < len(fetch) else probe_cmds
                 digest = payload_digest()
-                res = check_reply(await read_bulk_into(io, target, digest, _sender(io, nxt)), f"GET {k}{KV_SUFFIX}")
+                res = check_reply(await read_bulk_into(io, target, digest, send_next(io, nxt)), f"GET {k}{KV_SUFFIX}")
                 n, view = res
                 done.add(i)
                 if meta is None and n < 0:
@@ -619,22 +553,22 @@ class RedisConnector:
                 done.add(i)
 
     async def _get_payloads(self, keys: Sequence[str], todo: list[int], metas: list[Any], read_into: ReadInto,
-                            out: list[GetResult | None], used: list[_Node] | None = None) -> list[int]:
+                            out: list[GetResult | None], used: list[Node] | None = None) -> list[int]:
         """Read the payloads of entries ``todo`` (whose headers are ``metas``), each asked for as the one before
         it on the same node starts arriving; returns those with no payload."""
         no_payload: list[int] = []
-        groups: dict[_Node, list[int]] = defaultdict(list)
+        groups: dict[Node, list[int]] = defaultdict(list)
         for i in todo:
             n = await self._route(keys[i] + KV_SUFFIX, used)
             if n.replica or not self._cluster.is_down(n.addr):  # left out: a miss, not a header without payload
                 groups[n].append(i)
 
-        def runner(node: _Node, idxs: list[int]) -> Callable[[], Coroutine[Any, Any, None]]:
+        def runner(node: Node, idxs: list[int]) -> Callable[[], Coroutine[Any, Any, None]]:
             async def run() -> None:
                 await self._node_part(node, lambda: read_node(node, idxs))  # those not read yet are misses
             return run
 
-        async def read_node(node: _Node, idxs: list[int]) -> None:
+        async def read_node(node: Node, idxs: list[int]) -> None:
             async with self._conn(node) as io:
                 await io.send_all(encode_command("GET", keys[idxs[0]] + KV_SUFFIX))
                 for j, i in enumerate(idxs):
@@ -645,7 +579,7 @@ class RedisConnector:
 
                     nxt = encode_command("GET", keys[idxs[j + 1]] + KV_SUFFIX) if j + 1 < len(idxs) else []
                     digest = payload_digest()
-                    res = await read_bulk_into(io, target, digest, _sender(io, nxt))
+                    res = await read_bulk_into(io, target, digest, send_next(io, nxt))
                     if isinstance(res, RespError):
                         if res.kind in ("MOVED", "ASK"):
                             self._cluster.forget()
@@ -657,7 +591,7 @@ class RedisConnector:
                     else:
                         no_payload.append(i)
 
-        await _gather([runner(n, idxs) for n, idxs in groups.items()])
+        await gather([runner(n, idxs) for n, idxs in groups.items()])
         return no_payload
 
     async def put_many(self, items: Sequence[Entry]) -> int:
@@ -804,7 +738,7 @@ class RedisConnector:
         masters = await self._masters()
         unreachable: list[str] = []
 
-        def pinger(node: _Node) -> Callable[[], Coroutine[Any, Any, None]]:
+        def pinger(node: Node) -> Callable[[], Coroutine[Any, Any, None]]:
             async def exchange() -> None:
                 # A single server's address might be a Sentinel's (it answers PING, then refuses every GET and
                 # SET) or one cluster node's (MOVED for the other nodes' slots): its role and cluster id tell, in
@@ -835,7 +769,7 @@ class RedisConnector:
                     unreachable.append(str(exc))
             return run
 
-        await _gather([pinger(n) for n in masters])  # concurrently: each master gets the same share of the deadline
+        await gather([pinger(n) for n in masters])  # concurrently: each master gets the same share of the deadline
         if len(unreachable) == len(masters):
             raise TierUnavailable(f"{self._safe_url}: no cluster master answers: " + "; ".join(unreachable))
 
