@@ -629,7 +629,7 @@ def write_results(results: dict[str, Any], out: Path) -> None:
 
 
 # Debian 12 amd64: redis-benchmark (in redis-tools) and the two libraries it links against that a system without
-# Redis lacks. Fetched by fetch_ibverbs' helpers (deb.debian.org, checked against these SHA-256, else apt-get
+# Redis lacks. Fetched by fetch_ibverbs.unpack_debs (deb.debian.org, checked against these SHA-256, else apt-get
 # download) and unpacked under benchmarks/.redis-tools, without root.
 _REDIS_TOOLS = [
     ("redis-tools", "r/redis/redis-tools_7.0.15-1~deb12u7_amd64.deb",
@@ -649,14 +649,10 @@ def _debian_redis_benchmark() -> tuple[str, dict[str, str]] | None:
     libs = _TOOLS_DIR / "usr" / "lib" / "x86_64-linux-gnu"
     if not binary.exists():
         sys.path.insert(0, str(REPO / "tests"))
-        from fetch_ibverbs import _deb_data, _fetch
+        from fetch_ibverbs import unpack_debs
 
         try:
-            for pkg, path, sha in _REDIS_TOOLS:
-                with _deb_data(_fetch(pkg, path, sha)) as tar:
-                    members = [m for m in tar.getmembers()
-                               if m.name.endswith("/redis-benchmark") or ".so" in m.name]
-                    tar.extractall(_TOOLS_DIR, members=members, filter="data")
+            unpack_debs(_TOOLS_DIR, _REDIS_TOOLS, lambda name: name.endswith("/redis-benchmark") or ".so" in name)
         except Exception as exc:  # the figures are extra: the run goes on without them
             print(f"redis-benchmark: could not fetch Debian's redis-tools ({exc})", file=sys.stderr)
             return None

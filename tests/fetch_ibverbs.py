@@ -18,6 +18,7 @@ import sys
 import tarfile
 import tempfile
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 POOL = "http://deb.debian.org/debian/pool/main"
@@ -60,6 +61,18 @@ def _fetch(pkg: str, path: str, sha: str) -> bytes:
         return next(Path(d).glob("*.deb")).read_bytes()
 
 
+def unpack_debs(dest: Path, packages: list[tuple[str, str, str]], want: Callable[[str], bool]) -> None:
+    """Fetch each ``(package, pool path, sha256)`` and unpack under ``dest`` the files and links whose archive
+    name ``want`` accepts (also used by ``benchmarks/bench_remote.py`` for Debian's ``redis-benchmark``).
+
+    :raises Exception: whatever fetching or unpacking raised (callers treat it as "not available")."""
+    for pkg, path, sha in packages:
+        with _deb_data(_fetch(pkg, path, sha)) as tar:
+            members = [m for m in tar.getmembers() if want(m.name) and (m.isfile() or m.issym())]
+            safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.11.4
+            tar.extractall(dest, members=members, **safe)  # type: ignore[arg-type]
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: fetch_ibverbs.py DIR", file=sys.stderr)
@@ -71,11 +84,7 @@ def main(argv: list[str]) -> int:
     if (dest / "usr/lib/x86_64-linux-gnu/libibverbs.so.1").exists():
         return 0
     try:
-        for pkg, path, sha in PACKAGES:
-            with _deb_data(_fetch(pkg, path, sha)) as tar:
-                members = [m for m in tar.getmembers() if ".so" in m.name and (m.isfile() or m.issym())]
-                safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.11.4
-                tar.extractall(dest, members=members, **safe)  # type: ignore[arg-type]
+        unpack_debs(dest, PACKAGES, lambda name: ".so" in name)
     except Exception as exc:  # never fail the test run: the Mooncake tests skip instead
         print(f"fetch_ibverbs: could not get libibverbs ({exc}); the Mooncake tests will skip", file=sys.stderr)
         return 0
