@@ -29,7 +29,7 @@ from kvpipe.pipeline.guard import TierGuard
 from kvpipe.pipeline.retrieve import PromoteStage, ReadStage, ScatterStage
 from kvpipe.pipeline.stages import Stage, run_stages, split_batches
 from kvpipe.pipeline.store import DedupeStage, GatherStage, WriteStage
-from kvpipe.pipeline.write_behind import WriteBehind
+from kvpipe.pipeline.write_behind import PendingWrites, WriteBehind
 from kvpipe.plugins import registries
 from kvpipe.serde.entry import dtype_from_name, dtype_name
 from kvpipe.tiers.base import Tier, TierContext, TierStats
@@ -49,7 +49,8 @@ _req_ids = itertools.count(1)
 @attrs.frozen
 class RetrieveResult:
     """What :meth:`KVCache.retrieve` found: the leading ``num_tokens`` tokens' KV (``kv`` is ``None`` on a full
-    miss) and how many of those tokens each tier served."""
+    miss) and how many of those tokens each tier served (``"pending"``: chunks still queued for a slower tier,
+    read from the queue's memory)."""
 
     num_tokens: int
     kv: torch.Tensor | None = attrs.field(eq=False)
@@ -103,6 +104,7 @@ class KVCache:
     lower: list[Tier]
     _guards: dict[str, TierGuard] = attrs.field(factory=dict)
     _behind: list[WriteBehind] = attrs.field(factory=list)
+    _sources: dict[str, TierGuard] = attrs.field(factory=dict)  # where reads look, in order
     _extra_store: list[Stage] = attrs.field(factory=list)
     _extra_retrieve: list[Stage] = attrs.field(factory=list)
     _inflight: dict[ChunkKey, anyio.Event] = attrs.field(factory=dict)
@@ -121,6 +123,13 @@ class KVCache:
         for tier in self._all_tiers():
             self._guards[tier.name] = TierGuard(tier)
         self._behind = [WriteBehind(self._guards[t.name], self.config.write_queue_size) for t in self.lower]
+        # Reads: the CPU tier, then chunks still queued for a slower tier (not there yet), then disk and remote.
+        self._sources = dict(self._guards)
+        if self._behind:
+            pending = TierGuard(PendingWrites(self._behind))  # type: ignore[arg-type]  # reads only
+            self._sources = {**({self.cpu.name: self._guards[self.cpu.name]} if self.cpu is not None else {}),
+                             pending.tier.name: pending,
+                             **{t.name: self._guards[t.name] for t in self.lower}}
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         for wb in self._behind:
@@ -175,14 +184,13 @@ class KVCache:
         """For each key the first tier that holds it, and how many leading keys some tier holds."""
         where: list[str | None] = [None] * len(keys)
         todo = list(range(len(keys)))
-        for tier in self._all_tiers():
+        for name, guard in self._sources.items():
             if not todo:
                 break
-            present = await self._guards[tier.name].call("contains_many", [False] * len(todo),
-                                                         [keys[i] for i in todo])
+            present = await guard.call("contains_many", [False] * len(todo), [keys[i] for i in todo])
             for i, p in zip(todo, present, strict=True):
                 if p:
-                    where[i] = tier.name
+                    where[i] = name
             todo = [i for i in todo if where[i] is None]
         n = next((i for i, w in enumerate(where) if w is None), len(keys))
         return where, n
@@ -260,7 +268,7 @@ class KVCache:
             for b in batches:
                 b.tiers = list(where[b.first : b.first + len(b.keys)])
             scatter = ScatterStage(total_tokens=spans[n - 1][1], out=out)
-            done = await run_stages([ReadStage(self._guards), scatter, PromoteStage(self.cpu),
+            done = await run_stages([ReadStage(self._sources), scatter, PromoteStage(self.cpu),
                                      *self._extra_retrieve], batches)
             got = scatter.contiguous_end
             by_tier: dict[str, int] = {}
@@ -295,7 +303,7 @@ class KVCache:
 
         async def promote() -> None:
             try:
-                out = await run_stages([ReadStage(self._guards), PromoteStage(self.cpu)], batches)
+                out = await run_stages([ReadStage(self._sources), PromoteStage(self.cpu)], batches)
                 self._counters["prefetched_chunks"] += sum(t is not None for b in out for t in b.tiers)
             finally:
                 for k, ev in events.items():

@@ -9,6 +9,10 @@ A chunk whose write was dropped, or failed (the tier was down, or took fewer tha
 of the same tokens finds it and would skip it: the store path asks :meth:`WriteBehind.unwritten` and submits those
 chunks again, so storing a prompt again makes it reach the slower tiers after an overload or an outage, instead of
 the chunk living in CPU memory alone until it is evicted.
+
+A chunk queued for a slower tier and not yet written there is still readable: :class:`PendingWrites` serves it
+from the memory the queue holds, so a retrieve right after a store hits even when the CPU tier has evicted the
+chunk or there is no CPU tier (``local_cpu: false``), instead of missing until the write lands.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from kvpipe.keys import ChunkKey
 from kvpipe.memory.pool import MemoryObj
 from kvpipe.pipeline.guard import TierGuard
 
-__all__ = ["WriteBehind"]
+__all__ = ["PendingWrites", "WriteBehind"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,7 @@ class WriteBehind:
     written_chunks: int = 0
     dropped_chunks: int = 0
     _unwritten: OrderedDict[ChunkKey, None] = attrs.field(factory=OrderedDict)
+    _queued: dict[ChunkKey, MemoryObj] = attrs.field(factory=dict)  # queued or being written, by key
 
     def __attrs_post_init__(self) -> None:
         self._send, self._receive = anyio.create_memory_object_stream[_Item](self.queue_size)
@@ -66,8 +71,9 @@ class WriteBehind:
             self._remember(keys)
             log.debug("%s write queue full: dropped %d chunks", self.guard.tier.name, len(held))
             return False
-        for k in keys:
+        for k, o in zip(keys, held, strict=True):
             self._unwritten.pop(k, None)
+            self._queued[k] = o
         self._pending += 1
         self.queued_chunks += len(held)
         if self._idle.is_set():
@@ -84,7 +90,9 @@ class WriteBehind:
                     if n < len(keys):  # which ones the tier took is not known: all may be written again
                         self._remember(keys)
                 finally:
-                    for o in objs:
+                    for k, o in zip(keys, objs, strict=True):
+                        if self._queued.get(k) is o:
+                            del self._queued[k]
                         o.release()
                     self._pending -= 1
                     if self._pending == 0:
@@ -103,6 +111,10 @@ class WriteBehind:
             return []
         return [i for i, k in enumerate(keys) if k in self._unwritten]
 
+    def queued(self, key: ChunkKey) -> MemoryObj | None:
+        """The chunk queued (or being written) under ``key``, without a reference taken; ``None`` if none."""
+        return self._queued.get(key)
+
     async def flush(self) -> None:
         """Wait until every queued write is done."""
         await self._idle.wait()
@@ -110,3 +122,35 @@ class WriteBehind:
     def close(self) -> None:
         """Stop accepting writes; the worker finishes what is queued and returns."""
         self._send.close()
+
+
+@attrs.define(eq=False)
+class PendingWrites:
+    """The chunks the write-behind queues hold, read like a tier (``contains_many``/``get_many``; the retrieve
+    path asks it after the CPU tier and before disk and remote). What it hands out is the very memory a store
+    gathered, so it is the KV that went in; a write that completes or fails meanwhile only makes it a miss here,
+    and the reader asks the tiers below."""
+
+    behind: list[WriteBehind]
+    name: str = "pending"
+    hits: int = 0
+
+    def _find(self, key: ChunkKey) -> MemoryObj | None:
+        for wb in self.behind:
+            obj = wb.queued(key)
+            if obj is not None:
+                return obj
+        return None
+
+    async def contains_many(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        """Which keys a write queue holds."""
+        return [self._find(k) is not None for k in keys]
+
+    async def get_many(self, keys: Sequence[ChunkKey]) -> list[MemoryObj | None]:
+        """The queued chunks (each with a reference for the caller), ``None`` for the others."""
+        out: list[MemoryObj | None] = []
+        for k in keys:
+            obj = self._find(k)
+            out.append(obj.ref() if obj is not None else None)
+        self.hits += sum(o is not None for o in out)
+        return out

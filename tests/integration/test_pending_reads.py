@@ -1,0 +1,127 @@
+"""A chunk queued for a slower tier is readable before its write lands: a retrieve right after a store hits from
+the write queue ("pending"), with no CPU tier (the seed's remote-only config) and when the CPU tier lost the chunk.
+
+The remote server is held with SIGSTOP while the writes are queued, so the writes are certainly still in flight
+when the cache is read (no timing assumed); SIGCONT lets them land, and a fresh cache then reads what reached the
+remote, so both paths hand back the KV that went in."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import attrs
+import pytest
+import torch
+from servers import LmServerProc, ServerProc, lm_server
+
+import kvpipe
+from fixtures_core import CHUNK, shared_prefix_docs, small_config
+
+pytestmark = pytest.mark.integration
+
+DOCS, KVS = shared_prefix_docs(3, own_chunks=2)
+N = 4 * CHUNK  # tokens per document
+
+
+@pytest.fixture(params=["valkey", "lm"])
+def server(request: pytest.FixtureRequest) -> ServerProc:
+    proc: ServerProc = request.getfixturevalue(f"fresh_{request.param}")
+    return proc
+
+
+def _url(server: ServerProc) -> str:
+    return server.url if isinstance(server, LmServerProc) else f"redis://127.0.0.1:{server.port}"
+
+
+@contextlib.contextmanager
+def _held(server: ServerProc) -> Iterator[None]:
+    """The server stopped (it accepts bytes into its socket buffer, answers nothing) until the block ends."""
+    assert server.proc is not None
+    server.proc.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+
+
+async def _from_remote_alone(cfg: kvpipe.Config) -> list[int]:
+    async with kvpipe.open_cache(attrs.evolve(cfg, local_cpu=False)) as cache:
+        got = []
+        for d, doc in enumerate(DOCS):
+            res = await cache.retrieve(doc)
+            assert set(res.hits_by_tier) <= {"remote"}
+            assert res.kv is None or torch.equal(res.kv, KVS[d][:, :, : res.num_tokens])
+            got.append(res.num_tokens)
+        return got
+
+
+async def test_no_cpu_tier_reads_what_the_write_queue_holds(server: ServerProc, key_model: str) -> None:
+    cfg = small_config(model_name=key_model, remote_url=_url(server), local_cpu=False, blocking_timeout_secs=60)
+    async with kvpipe.open_cache(cfg) as cache:
+        with _held(server):
+            for d, doc in enumerate(DOCS):
+                assert await cache.store(doc, KVS[d]) > 0
+            assert await cache.lookup(DOCS[0]) == N
+            for d, doc in enumerate(DOCS):
+                res = await cache.retrieve(doc)
+                assert res.num_tokens == N
+                assert res.kv is not None and torch.equal(res.kv, KVS[d])
+                # the shared system prompt was queued once; every chunk is still in the queue, none in the remote
+                assert res.hits_by_tier == {"pending": N}
+            assert cache.statistics().tiers["remote"].puts == 0
+        await cache.flush()
+        assert cache.statistics().tiers["remote"].puts > 0
+        res = await cache.retrieve(DOCS[1])  # written now: the remote serves it
+        assert res.hits_by_tier == {"remote": N} and torch.equal(res.kv, KVS[1])  # type: ignore[arg-type]
+        assert cache.statistics().pool.used == 0  # the queue's references are all released
+    assert await _from_remote_alone(cfg) == [N] * len(DOCS)
+
+
+async def test_a_chunk_gone_from_cpu_is_read_from_the_queue(server: ServerProc, key_model: str) -> None:
+    cfg = small_config(model_name=key_model, remote_url=_url(server), blocking_timeout_secs=60)
+    async with kvpipe.open_cache(cfg) as cache:
+        with _held(server):
+            await cache.store(DOCS[0], KVS[0])
+            assert cache.cpu is not None
+            keys = cache.keys_for(DOCS[0])
+            assert await cache.cpu.delete_many(keys[2:]) == 2  # as an LRU eviction would: the last two chunks
+            res = await cache.retrieve(DOCS[0])
+            assert res.hits_by_tier == {"cpu": 2 * CHUNK, "pending": 2 * CHUNK}
+            assert res.kv is not None and torch.equal(res.kv, KVS[0])
+            assert await cache.cpu.contains_many(keys) == [True] * 4  # promoted back into CPU
+        await cache.flush()
+    assert (await _from_remote_alone(cfg))[0] == N
+
+
+async def test_the_same_chunks_queued_twice_are_released_once_each(server: ServerProc, key_model: str) -> None:
+    cfg = small_config(model_name=key_model, remote_url=_url(server), local_cpu=False, blocking_timeout_secs=60)
+    async with kvpipe.open_cache(cfg) as cache:
+        with _held(server):
+            await cache.store(DOCS[0], KVS[0])
+            await cache.store(DOCS[0], KVS[0])  # no CPU tier to dedupe against: queued again
+            res = await cache.retrieve(DOCS[0])
+            assert res.hits_by_tier == {"pending": N} and torch.equal(res.kv, KVS[0])  # type: ignore[arg-type]
+        await cache.flush()
+        assert cache.statistics().pool.used == 0
+        res = await cache.retrieve(DOCS[0])
+        assert res.hits_by_tier == {"remote": N} and torch.equal(res.kv, KVS[0])  # type: ignore[arg-type]
+
+
+async def test_a_write_that_fails_is_a_miss_not_an_error(tmp_path: Path, key_model: str) -> None:
+    server = lm_server(tmp_path).start()
+    cfg = small_config(model_name=key_model, remote_url=_url(server), local_cpu=False, blocking_timeout_secs=60)
+    try:
+        async with kvpipe.open_cache(cfg) as cache:
+            with _held(server):
+                await cache.store(DOCS[0], KVS[0])
+                assert (await cache.retrieve(DOCS[0])).hits_by_tier == {"pending": N}
+                server.kill()  # the queued write fails: the queue lets go of the chunks
+            await cache.flush()
+            res = await cache.retrieve(DOCS[0])
+            assert res.num_tokens == 0 and res.kv is None
+            assert cache.statistics().pool.used == 0
+    finally:
+        server.stop()
