@@ -57,7 +57,12 @@ async def test_writes_failed_while_the_remote_was_down_are_written_again(tmp_pat
             for d in range(6):  # the remote is not there: the CPU tier alone takes them
                 await cache.store(DOCS[d], KVS[d])
             await cache.flush()
-            assert cache.statistics().tiers["remote"].put_failures > 0
+            failed = cache.statistics().tiers["remote"].put_failures
+            assert failed > 0 and not remote.available
+            for d in range(6):  # again while it is down: nothing is sent again (it would only be dropped again)
+                await cache.store(DOCS[d], KVS[d])
+            await cache.flush()
+            assert cache.statistics().tiers["remote"].put_failures == failed
             server.start()
             with anyio.fail_after(15):
                 while not remote.available:

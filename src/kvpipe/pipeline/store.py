@@ -97,6 +97,8 @@ class WriteStage(StageBase):
             return
         keys = [batch.keys[i] for i in cached]
         for wb in self.behind:
+            if not getattr(wb.guard.tier, "available", True):
+                continue  # a remote that is down drops writes at once: the next store after it is back sends them
             todo = wb.unwritten(keys)
             if not todo:
                 continue
