@@ -7,9 +7,11 @@ import json
 import subprocess
 import sys
 
+import anyio
 import attrs
 import pytest
 from remote_fixtures import chunk, key, open_tier, url_for
+from servers import ValkeySentinel, redis_command, replication_settled
 
 from kvpipe.config import Config
 from kvpipe.connectors.inspect import inspect_remote
@@ -117,3 +119,21 @@ def test_inspect_cli(request: pytest.FixtureRequest, key_model: str) -> None:
     r = subprocess.run([sys.executable, "-m", "kvpipe.cli", "inspect", "--remote", url, "--model", key_model,
                         "--delete"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "deleted 2" in r.stdout, r.stdout + r.stderr
+
+
+async def test_inspect_verify_reads_the_master_not_a_replica(fresh_sentinel: ValkeySentinel, key_model: str) -> None:
+    s = fresh_sentinel
+    tier = await open_tier(s.url)
+    try:
+        keys = [key(key_model, i) for i in range(2)]
+        assert await tier.put_many(keys, [chunk(i) for i in range(2)]) == 2
+        with anyio.fail_after(30):  # a hang guard, not a timing
+            while not replication_settled(s.master.port):
+                await anyio.sleep(0.05)
+        # The replica's copy of entry 1 goes (as a replica that lags behind has not got it yet); the master's stays
+        redis_command(s.replica.port, "CONFIG", "SET", "replica-read-only", "no")
+        assert redis_command(s.replica.port, "DEL", keys[1].to_string() + "metadata") == b":1\r\n"
+        rep = await inspect_remote(s.url + "?read_from_replicas=true", Config(), model=key_model, verify=True)
+        assert rep["chunks"] == 2 and rep["bad_entries"] == [] and rep["groups"][0]["tokens"] == 2 * 16
+    finally:
+        await tier.aclose()

@@ -13,6 +13,7 @@ import anyio
 from kvpipe.config import Config
 from kvpipe.connectors.base import Connector
 from kvpipe.connectors.plugin import connector_for_url
+from kvpipe.connectors.redis import RedisConnector
 from kvpipe.errors import ConfigError, CorruptEntry, TierError
 from kvpipe.keys import ChunkKey
 from kvpipe.serde.entry import EntryHeader
@@ -81,6 +82,10 @@ async def inspect_remote(url: str, config: Config, *, model: str | None = None, 
     if conn is None:
         raise ConfigError(f"inspect --remote: no connector for {url!r} (redis://, redis-sentinel://, "
                           "redis-cluster://, valkey://, unix://, lm://, mooncakestore://, mock://)")
+    if isinstance(conn, RedisConnector):
+        # Entries are listed on the masters; verify reads them there too, not from a replica that may lag behind
+        # (an entry written a moment ago, or deleted, would be reported wrongly)
+        conn.read_from_replicas = False
     glob = pattern or (f"*@{model}@*" if model else "*")
     timeout = max(30.0, float(config.blocking_timeout_secs))
     tokens: dict[str, int] = {}
