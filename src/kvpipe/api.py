@@ -73,6 +73,7 @@ class CacheStats:
     retrieved_tokens: int
     prefetched_chunks: int
     tier_errors: int
+    pending_hits: int = 0  # chunks read from a write queue before their write to a slower tier landed
 
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON-ready values (what ``kvpipe serve`` reports at ``/kvpipe/stats``)."""
@@ -105,6 +106,7 @@ class KVCache:
     _guards: dict[str, TierGuard] = attrs.field(factory=dict)
     _behind: list[WriteBehind] = attrs.field(factory=list)
     _sources: dict[str, TierGuard] = attrs.field(factory=dict)  # where reads look, in order
+    _pending: PendingWrites | None = None
     _extra_store: list[Stage] = attrs.field(factory=list)
     _extra_retrieve: list[Stage] = attrs.field(factory=list)
     _inflight: dict[ChunkKey, anyio.Event] = attrs.field(factory=dict)
@@ -126,9 +128,9 @@ class KVCache:
         # Reads: the CPU tier, then chunks still queued for a slower tier (not there yet), then disk and remote.
         self._sources = dict(self._guards)
         if self._behind:
-            pending = TierGuard(PendingWrites(self._behind))  # type: ignore[arg-type]  # reads only
+            self._pending = PendingWrites(self._behind)
             self._sources = {**({self.cpu.name: self._guards[self.cpu.name]} if self.cpu is not None else {}),
-                             pending.tier.name: pending,
+                             self._pending.name: TierGuard(self._pending),  # type: ignore[arg-type]  # reads only
                              **{t.name: self._guards[t.name] for t in self.lower}}
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
@@ -376,7 +378,8 @@ class KVCache:
             dropped_writes=sum(wb.dropped_chunks for wb in self._behind), lookups=c["lookups"],
             lookup_hit_tokens=c["lookup_hit_tokens"], retrieves=c["retrieves"],
             retrieved_tokens=c["retrieved_tokens"], prefetched_chunks=c["prefetched_chunks"],
-            tier_errors=sum(g.errors for g in self._guards.values()))
+            tier_errors=sum(g.errors for g in self._guards.values()),
+            pending_hits=self._pending.hits if self._pending is not None else 0)
 
 
 def _masked_prefix(mask: torch.Tensor, total: int, chunk_size: int) -> int:

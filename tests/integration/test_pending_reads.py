@@ -19,6 +19,7 @@ from servers import LmServerProc, ServerProc, lm_server
 
 import kvpipe
 from fixtures_core import CHUNK, shared_prefix_docs, small_config
+from kvpipe.serve.metrics import ServeMetrics, render_prometheus
 
 pytestmark = pytest.mark.integration
 
@@ -72,6 +73,9 @@ async def test_no_cpu_tier_reads_what_the_write_queue_holds(server: ServerProc, 
                 # the shared system prompt was queued once; every chunk is still in the queue, none in the remote
                 assert res.hits_by_tier == {"pending": N}
             assert cache.statistics().tiers["remote"].puts == 0
+            assert cache.statistics().pending_hits == 3 * 4  # 4 chunks read per document
+            text = render_prometheus(ServeMetrics(), cache.statistics(), queue_depth=0, model="m")
+            assert "kvpipe_pending_hits_total 12" in text.splitlines()
         await cache.flush()
         assert cache.statistics().tiers["remote"].puts > 0
         res = await cache.retrieve(DOCS[1])  # written now: the remote serves it

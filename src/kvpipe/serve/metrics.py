@@ -134,4 +134,7 @@ def render_prometheus(m: ServeMetrics, stats: CacheStats | None, *, queue_depth:
                 out += _series(f"kvpipe_tier_{key}_total", "counter", doc, samples)
         out += _series("kvpipe_dropped_writes_total", "counter", "Chunk writes dropped (full write-behind queue).",
                        [("", stats.dropped_writes)])
+        out += _series("kvpipe_pending_hits_total", "counter",
+                       "Chunks read from a write-behind queue before their write to disk or remote landed.",
+                       [("", stats.pending_hits)])
     return "\n".join(out) + "\n"
