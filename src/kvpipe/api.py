@@ -126,12 +126,12 @@ class KVCache:
             self._guards[tier.name] = TierGuard(tier)
         self._behind = [WriteBehind(self._guards[t.name], self.config.write_queue_size) for t in self.lower]
         # Reads: the CPU tier, then chunks still queued for a slower tier (not there yet), then disk and remote.
-        self._sources = dict(self._guards)
+        sources = list(self._guards.items())
         if self._behind:
             self._pending = PendingWrites(self._behind)
-            self._sources = {**({self.cpu.name: self._guards[self.cpu.name]} if self.cpu is not None else {}),
-                             self._pending.name: TierGuard(self._pending),  # type: ignore[arg-type]  # reads only
-                             **{t.name: self._guards[t.name] for t in self.lower}}
+            pending = TierGuard(self._pending)  # type: ignore[arg-type]  # reads only
+            sources.insert(1 if self.cpu is not None else 0, (self._pending.name, pending))
+        self._sources = dict(sources)
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         for wb in self._behind:
