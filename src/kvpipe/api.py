@@ -223,7 +223,8 @@ class KVCache:
         if not keys:
             log.info("Storing KV cache for 0 out of %d tokens (Reqid: %s)", total, req)
             return 0
-        stages: list[Stage] = [DedupeStage(self.cpu), GatherStage(self.pool), WriteStage(self.cpu, self._behind),
+        stages: list[Stage] = [DedupeStage(self.cpu, self._pending), GatherStage(self.pool),
+                               WriteStage(self.cpu, self._behind, self._pending),
                                *self._extra_store]
         batches = await run_stages(stages, split_batches(req, keys, spans, kv))
         new = sum(e - s for b in batches for (s, e), t in zip(b.spans, b.tiers, strict=True) if t == "new")

@@ -100,18 +100,45 @@ async def test_a_chunk_gone_from_cpu_is_read_from_the_queue(server: ServerProc, 
     assert (await _from_remote_alone(cfg))[0] == N
 
 
-async def test_the_same_chunks_queued_twice_are_released_once_each(server: ServerProc, key_model: str) -> None:
+async def test_storing_again_while_queued_neither_copies_nor_queues_again(server: ServerProc, key_model: str) -> None:
     cfg = small_config(model_name=key_model, remote_url=_url(server), local_cpu=False, blocking_timeout_secs=60)
     async with kvpipe.open_cache(cfg) as cache:
+        (wb,) = cache._behind
         with _held(server):
-            await cache.store(DOCS[0], KVS[0])
-            await cache.store(DOCS[0], KVS[0])  # no CPU tier to dedupe against: queued again
+            assert await cache.store(DOCS[0], KVS[0]) == N
+            used = cache.statistics().pool.used
+            # no CPU tier, but the write queue holds every chunk: nothing new, no copy, no second write
+            assert await cache.store(DOCS[0], KVS[0]) == 0
+            assert wb.queued_chunks == 4 and cache.statistics().pool.used == used
+            # a prompt sharing the first two chunks queues only its own two
+            assert await cache.store(DOCS[1], KVS[1]) == 2 * CHUNK and wb.queued_chunks == 6
             res = await cache.retrieve(DOCS[0])
             assert res.hits_by_tier == {"pending": N} and torch.equal(res.kv, KVS[0])  # type: ignore[arg-type]
         await cache.flush()
+        assert cache.statistics().tiers["remote"].puts == 6  # each chunk written once
         assert cache.statistics().pool.used == 0
         res = await cache.retrieve(DOCS[0])
         assert res.hits_by_tier == {"remote": N} and torch.equal(res.kv, KVS[0])  # type: ignore[arg-type]
+        assert await cache.store(DOCS[0], KVS[0]) == N  # written and no longer queued: stored anew (no CPU tier)
+
+
+async def test_a_chunk_gone_from_cpu_but_queued_is_put_back_not_copied(server: ServerProc, key_model: str) -> None:
+    cfg = small_config(model_name=key_model, remote_url=_url(server), blocking_timeout_secs=60)
+    async with kvpipe.open_cache(cfg) as cache:
+        assert cache.cpu is not None
+        (wb,) = cache._behind
+        keys = cache.keys_for(DOCS[0])
+        with _held(server):
+            assert await cache.store(DOCS[0], KVS[0]) == N
+            assert await cache.cpu.delete_many(keys[2:]) == 2  # as an LRU eviction would
+            assert await cache.store(DOCS[0], KVS[0]) == 0
+            assert wb.queued_chunks == 4  # not queued a second time
+            assert await cache.cpu.contains_many(keys) == [True] * 4  # the queue's memory, back in CPU
+            res = await cache.retrieve(DOCS[0])
+            assert res.hits_by_tier == {"cpu": N} and torch.equal(res.kv, KVS[0])  # type: ignore[arg-type]
+        await cache.flush()
+        assert cache.statistics().tiers["remote"].puts == 4
+    assert (await _from_remote_alone(cfg))[0] == N
 
 
 async def test_a_write_that_fails_is_a_miss_not_an_error(tmp_path: Path, key_model: str) -> None:
@@ -129,3 +156,33 @@ async def test_a_write_that_fails_is_a_miss_not_an_error(tmp_path: Path, key_mod
             assert cache.statistics().pool.used == 0
     finally:
         server.stop()
+
+
+async def test_a_queued_chunk_another_tier_failed_to_write_is_written_there_again(
+        tmp_path: Path, server: ServerProc, key_model: str) -> None:
+    """No CPU tier, disk and remote: the disk write fails (its directory is gone) while the remote write waits in
+    its queue. Storing the prompt again finds the chunks queued for the remote (not new, not queued there twice)
+    and writes them to disk again, from the queue's memory."""
+    cfg = small_config(tmp_path, disk=True, model_name=key_model, remote_url=_url(server), local_cpu=False,
+                       blocking_timeout_secs=60)
+    async with kvpipe.open_cache(cfg) as cache:
+        disk_wb, remote_wb = cache._behind
+        root = disk_wb.guard.tier.root  # type: ignore[attr-defined]
+        assert disk_wb.guard.tier.name == "disk" and remote_wb.guard.tier.name == "remote"
+        with _held(server):
+            root.rename(root.with_name("away"))
+            root.write_bytes(b"")  # a file where the directory was: every entry write fails
+            assert await cache.store(DOCS[0], KVS[0]) == N
+            await disk_wb.flush()
+            assert cache.statistics().tiers["disk"].put_failures == 4
+            root.unlink()
+            root.with_name("away").rename(root)
+            assert await cache.store(DOCS[0], KVS[0]) == 0  # queued for the remote: not new
+            await disk_wb.flush()
+            assert remote_wb.queued_chunks == 4 and disk_wb.queued_chunks == 8
+            assert cache.statistics().tiers["disk"].puts == 4
+        await cache.flush()
+        assert cache.statistics().tiers["remote"].puts == 4
+    async with kvpipe.open_cache(small_config(tmp_path, disk=True, model_name=key_model, local_cpu=False)) as cache:
+        res = await cache.retrieve(DOCS[0])  # the disk alone answers
+        assert res.hits_by_tier == {"disk": N} and torch.equal(res.kv, KVS[0])  # type: ignore[arg-type]

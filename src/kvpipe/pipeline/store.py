@@ -1,13 +1,18 @@
-"""Store stages: dedupe → gather (engine KV → pool) → write (CPU tier now, slower tiers write-behind)."""
+"""Store stages: dedupe → gather (engine KV → pool) → write (CPU tier now, slower tiers write-behind).
+
+A chunk is not new, and is neither copied nor queued again, when the CPU tier holds it (``tiers[i] = "cpu"``) or a
+write queue still holds it for a slower tier (``"pending"``: with no CPU tier, ``local_cpu: false``, or after the
+CPU tier evicted it). Storing a prompt again while its writes are in flight so costs no copy and no second write."""
 
 from __future__ import annotations
 
 import attrs
 
+from kvpipe.keys import ChunkKey
 from kvpipe.layouts.copy import copy_kv
-from kvpipe.memory.pool import HostPool
+from kvpipe.memory.pool import HostPool, MemoryObj
 from kvpipe.pipeline.stages import Batch, StageBase
-from kvpipe.pipeline.write_behind import WriteBehind
+from kvpipe.pipeline.write_behind import PendingWrites, WriteBehind
 from kvpipe.tiers.cpu import CpuTier
 
 __all__ = ["DedupeStage", "GatherStage", "WriteStage"]
@@ -15,9 +20,11 @@ __all__ = ["DedupeStage", "GatherStage", "WriteStage"]
 
 @attrs.define(eq=False)
 class DedupeStage(StageBase):
-    """Marks chunks the CPU tier already holds (``tiers[i] = "cpu"``) so they are neither copied nor rewritten."""
+    """Marks chunks the CPU tier already holds (``tiers[i] = "cpu"``) or a write queue still holds
+    (``"pending"``) so they are neither copied nor rewritten."""
 
     cpu: CpuTier | None
+    pending: PendingWrites | None = None
     name: str = "dedupe"
 
     async def process(self, batch: Batch) -> Batch:
@@ -25,7 +32,19 @@ class DedupeStage(StageBase):
             for i, present in enumerate(await self.cpu.contains_many(batch.keys)):
                 if present:
                     batch.tiers[i] = "cpu"
+        _mark_pending(batch, self.pending, [i for i, t in enumerate(batch.tiers) if t is None])
         return batch
+
+
+def _mark_pending(batch: Batch, pending: PendingWrites | None, idx: list[int]) -> list[int]:
+    """Mark ``"pending"`` the chunks among ``idx`` that a write queue holds; returns the others."""
+    if pending is None or not idx:
+        return idx
+    held = pending.holds_nowait([batch.keys[i] for i in idx])
+    for i, h in zip(idx, held, strict=True):
+        if h:
+            batch.tiers[i] = "pending"
+    return [i for i, h in zip(idx, held, strict=True) if not h]
 
 
 @attrs.define(eq=False)
@@ -61,6 +80,7 @@ class WriteStage(StageBase):
 
     cpu: CpuTier | None
     behind: list[WriteBehind]
+    pending: PendingWrites | None = None
     name: str = "write"
 
     async def process(self, batch: Batch) -> Batch:
@@ -73,6 +93,8 @@ class WriteStage(StageBase):
                 if p:
                     batch.tiers[i] = "cpu"
             idx = [i for i, p in zip(idx, present, strict=True) if not p]
+        # ... or queued them (from here to the queueing below nothing awaits: no store can slip in between)
+        idx = _mark_pending(batch, self.pending, idx)
         if idx:
             keys = [batch.keys[i] for i in idx]
             objs = [batch.objs[i] for i in idx]
@@ -83,16 +105,31 @@ class WriteStage(StageBase):
             if stored or any(queued):
                 for i in idx:
                     batch.tiers[i] = "new"
-        if self.cpu is not None:
-            self._resubmit(batch)
+        self._readopt(batch)
+        self._resubmit(batch)
         batch.release()
         return batch
 
+    def _readopt(self, batch: Batch) -> None:
+        """Put back into the CPU tier the chunks found only in a write queue (the CPU tier evicted them since):
+        the queue's memory is adopted, no copy, as a retrieve would promote them."""
+        if self.cpu is None or self.pending is None:
+            return
+        found = [(batch.keys[i], self.pending.peek_nowait(batch.keys[i]))
+                 for i, t in enumerate(batch.tiers) if t == "pending"]
+        have = [(k, o) for k, o in found if o is not None]
+        try:
+            if have:
+                self.cpu.put_many_nowait([k for k, _ in have], [o for _, o in have])
+        finally:
+            for _, o in have:
+                o.release()
+
     def _resubmit(self, batch: Batch) -> None:
-        """Queue again, for each slower tier, the chunks this store found in the CPU tier whose earlier write to
-        that tier was dropped or failed (see :mod:`kvpipe.pipeline.write_behind`): they are not new, but they
-        have not reached that tier."""
-        cached = [i for i, t in enumerate(batch.tiers) if t == "cpu"]
+        """Queue again, for each slower tier, the chunks this store found in the CPU tier or in another tier's
+        write queue whose earlier write to that tier was dropped or failed (see
+        :mod:`kvpipe.pipeline.write_behind`): they are not new, but they have not reached that tier."""
+        cached = [i for i, t in enumerate(batch.tiers) if t in ("cpu", "pending")]
         if not cached:
             return
         keys = [batch.keys[i] for i in cached]
@@ -102,7 +139,7 @@ class WriteStage(StageBase):
             todo = wb.unwritten(keys)
             if not todo:
                 continue
-            objs = self.cpu.peek_many_nowait([keys[j] for j in todo])  # type: ignore[union-attr]
+            objs = [self._held(keys[j], batch.tiers[cached[j]]) for j in todo]
             have = [(keys[j], o) for j, o in zip(todo, objs, strict=True) if o is not None]
             try:
                 if have:
@@ -110,3 +147,9 @@ class WriteStage(StageBase):
             finally:
                 for _, o in have:
                     o.release()
+
+    def _held(self, key: ChunkKey, where: str | None) -> MemoryObj | None:
+        """The memory holding a chunk found in the CPU tier or a write queue, with a reference for the caller."""
+        if where == "cpu" and self.cpu is not None:
+            return self.cpu.peek_many_nowait([key])[0]
+        return self.pending.peek_nowait(key) if self.pending is not None else None

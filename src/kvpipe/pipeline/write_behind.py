@@ -142,9 +142,18 @@ class PendingWrites:
                 return obj
         return None
 
+    def holds_nowait(self, keys: Sequence[ChunkKey]) -> list[bool]:
+        """Which keys a write queue holds (no await: the store path's check and its queueing are one step)."""
+        return [self._find(k) is not None for k in keys]
+
+    def peek_nowait(self, key: ChunkKey) -> MemoryObj | None:
+        """The queued chunk with a reference for the caller (not counted as a hit), ``None`` if none."""
+        obj = self._find(key)
+        return obj.ref() if obj is not None else None
+
     async def contains_many(self, keys: Sequence[ChunkKey]) -> list[bool]:
         """Which keys a write queue holds."""
-        return [self._find(k) is not None for k in keys]
+        return self.holds_nowait(keys)
 
     async def get_many(self, keys: Sequence[ChunkKey]) -> list[MemoryObj | None]:
         """The queued chunks (each with a reference for the caller), ``None`` for the others."""
