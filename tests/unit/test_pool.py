@@ -263,3 +263,38 @@ def test_byte_view_and_lazy_tensor_are_the_same_memory() -> None:
     obj.tensor.mul_(2)
     assert bytes(obj.byte_view) == bytes(memoryview((src * 2).view(-1).view(torch.uint8).numpy()))
     obj.release()
+
+
+def _thp_mode() -> str | None:
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return None
+    return text.split("[", 1)[1].split("]", 1)[0] if "[" in text else None
+
+
+def _thp_eligible(addr: int) -> bool | None:
+    """The ``THPeligible`` flag of the mapping holding ``addr`` (``/proc/self/smaps``), ``None`` if not shown."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split(" ", 1)[0]
+        if "-" in head and all(c in "0123456789abcdef-" for c in head):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= addr < hi
+        elif inside and line.startswith("THPeligible:"):
+            return line.split()[1] == "1"
+    return None
+
+
+@pytest.mark.skipif(_thp_mode() not in ("madvise", "always"), reason="transparent hugepages are off here")
+def test_a_large_pool_asks_for_transparent_hugepages() -> None:
+    """Under THP's "madvise" mode (this machine's) only memory that asks gets 2 MiB pages; torch.empty's does
+    not. Eligibility is the kernel's per-mapping flag, so the check does not depend on free huge pages."""
+    pool = create_pool(64 << 20)
+    try:
+        eligible = _thp_eligible(pool.buffer.data_ptr())
+        if eligible is None:
+            pytest.skip("this kernel does not report THPeligible")
+        assert eligible
+    finally:
+        pool.close()

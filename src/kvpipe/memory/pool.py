@@ -185,6 +185,18 @@ def _alloc_buffer(nbytes: int, *, pin: bool, hugepages: bool) -> tuple[torch.Ten
                 torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), size, 0)
             return buf[:nbytes], mm, True
     pin = pin and torch.cuda.is_available()
+    if not pin and nbytes >= _HUGEPAGE and hasattr(mmap, "MADV_HUGEPAGE"):
+        # Transparent hugepages (no reservation needed, unlike MAP_HUGETLB above): the kernel backs the pool with
+        # 2 MiB pages where it can, so reading a cold 4 MiB chunk takes 2 TLB entries instead of 1024. Here that
+        # made hashing a cold chunk 0.134-0.141 ms instead of 0.161 ms (torch.empty's memory gets 4 KiB pages:
+        # THP is "madvise" only). Regular pages where THP is off or the kernel has none to give.
+        size = -(-nbytes // _HUGEPAGE) * _HUGEPAGE
+        mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        try:
+            mm.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:  # a kernel built without THP
+            pass
+        return torch.frombuffer(mm, dtype=torch.uint8)[:nbytes], mm, False
     return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin), None, False
 
 
