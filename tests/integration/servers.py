@@ -105,14 +105,29 @@ def _redis_ping(port: int, timeout: float = 0.5) -> bytes:
         return s.recv(64)
 
 
-def redis_command(port: int, *args: str | bytes, timeout: float = 5.0) -> bytes:
-    """Send one command with a throwaway socket; the raw reply's first read (enough for small replies)."""
+def _encode(*args: str | bytes) -> bytes:
     parts = [b"*%d\r\n" % len(args)]
     for a in args:
         b = a.encode() if isinstance(a, str) else a
         parts += [b"$%d\r\n" % len(b), b, b"\r\n"]
+    return b"".join(parts)
+
+
+def redis_command(port: int, *args: str | bytes, timeout: float = 5.0, password: str | None = None) -> bytes:
+    """Send one command with a throwaway socket (after ``AUTH password`` when given); the raw reply's first read
+    (enough for small replies)."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(b"".join(parts))
+        if password is not None:
+            s.sendall(_encode("AUTH", password))
+            reply = b""
+            while not reply.endswith(b"\r\n"):
+                got = s.recv(256)
+                if not got:
+                    break
+                reply += got
+            if not reply.startswith(b"+OK"):
+                raise RuntimeError(f"AUTH on port {port}: {reply!r}")
+        s.sendall(_encode(*args))
         return s.recv(1 << 16)
 
 
@@ -138,9 +153,9 @@ class ServerProc:
         return self
 
     def ready(self) -> bool:
-        """Whether it answers a PING."""
+        """Whether it answers a PING (a server with a password answers ``NOAUTH``: it is up)."""
         try:
-            return _redis_ping(self.port).startswith(b"+PONG")
+            return _redis_ping(self.port).startswith((b"+PONG", b"-NOAUTH"))
         except OSError:
             return False
 
@@ -210,17 +225,22 @@ class ValkeySentinel:
     replica: ServerProc
     sentinels: list[ServerProc]
     master_name: str = "mymaster"
+    password: str | None = None  # asked by the master and the replica
+    sentinel_password: str | None = None  # asked by the Sentinels
 
     @property
     def url(self) -> str:
-        """``redis-sentinel://127.0.0.1:p1,127.0.0.1:p2,127.0.0.1:p3``."""
-        return "redis-sentinel://" + ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+        """``redis-sentinel://[:password@]127.0.0.1:p1,127.0.0.1:p2,127.0.0.1:p3[?sentinel_password=...]``."""
+        auth = f":{self.password}@" if self.password else ""
+        query = f"?sentinel_password={self.sentinel_password}" if self.sentinel_password else ""
+        return f"redis-sentinel://{auth}" + ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels) + query
 
     def current_master_port(self) -> int | None:
         """The master port the first answering Sentinel reports."""
         for s in self.sentinels:
             try:
-                reply = redis_command(s.port, "SENTINEL", "get-master-addr-by-name", self.master_name)
+                reply = redis_command(s.port, "SENTINEL", "get-master-addr-by-name", self.master_name,
+                                      password=self.sentinel_password)
             except OSError:
                 continue
             lines = reply.split(b"\r\n")
@@ -239,10 +259,17 @@ def _lists_replica(reply: bytes, port: int) -> bool:
     return b"\r\n%d\r\n" % port in reply and not any(f in reply for f in (b"s_down", b"o_down", b"disconnected"))
 
 
-def valkey_sentinel(workdir: Path, *, down_after_ms: int = 1000, failover_timeout_ms: int = 3000) -> ValkeySentinel:
-    """Start the Sentinel topology of the user's guide (master, replica, 3 Sentinels), all on free ports."""
-    master = valkey_server(workdir, name="master").start()
-    replica = valkey_server(workdir, "--replicaof", "127.0.0.1", str(master.port), name="replica").start()
+def valkey_sentinel(workdir: Path, *, down_after_ms: int = 1000, failover_timeout_ms: int = 3000,
+                    password: str | None = None, sentinel_password: str | None = None) -> ValkeySentinel:
+    """Start the Sentinel topology of the user's guide (master, replica, 3 Sentinels), all on free ports.
+
+    ``password``: the master and the replica ask for it (``requirepass``, and ``masterauth`` so that either can
+    replicate from the other after a failover), and the Sentinels are told it (``auth-pass``);
+    ``sentinel_password``: the Sentinels ask for one of their own (``requirepass``, ``sentinel-pass`` among
+    themselves)."""
+    auth = ("--requirepass", password, "--masterauth", password) if password else ()
+    master = valkey_server(workdir, *auth, name="master").start()
+    replica = valkey_server(workdir, "--replicaof", "127.0.0.1", str(master.port), *auth, name="replica").start()
     sentinels = []
     binary = valkey_bin()
     assert binary is not None
@@ -256,18 +283,22 @@ def valkey_sentinel(workdir: Path, *, down_after_ms: int = 1000, failover_timeou
             f"sentinel monitor mymaster 127.0.0.1 {master.port} 2\n"
             f"sentinel down-after-milliseconds mymaster {down_after_ms}\n"
             f"sentinel failover-timeout mymaster {failover_timeout_ms}\n"
-            "sentinel parallel-syncs mymaster 1\n")
+            "sentinel parallel-syncs mymaster 1\n"
+            + (f"sentinel auth-pass mymaster {password}\n" if password else "")
+            + (f"requirepass {sentinel_password}\nsentinel sentinel-pass {sentinel_password}\n"
+               if sentinel_password else ""))
         sentinels.append(ServerProc([binary, str(conf), "--sentinel"], port, d, f"sentinel-{i}").start())
-    topo = ValkeySentinel(master, replica, sentinels)
+    topo = ValkeySentinel(master, replica, sentinels, password=password, sentinel_password=sentinel_password)
     # Wait until the replica is in sync, the sentinels see each other (a failover needs a quorum) and every
     # Sentinel lists the replica as healthy (a Sentinel learns of it from the master's INFO: until then a client
     # asking it for replicas to read from is told there are none, and reads from the master).
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        info = redis_command(replica.port, "INFO", "replication")
-        sees = redis_command(sentinels[0].port, "SENTINEL", "sentinels", "mymaster")
+        info = redis_command(replica.port, "INFO", "replication", password=password)
+        sees = redis_command(sentinels[0].port, "SENTINEL", "sentinels", "mymaster", password=sentinel_password)
         if b"master_link_status:up" in info and sees.startswith(b"*2") and all(
-                _lists_replica(redis_command(s.port, "SENTINEL", "replicas", "mymaster"), replica.port)
+                _lists_replica(redis_command(s.port, "SENTINEL", "replicas", "mymaster",
+                                             password=sentinel_password), replica.port)
                 for s in sentinels):
             break
         time.sleep(0.1)
@@ -280,11 +311,13 @@ class ValkeyCluster:
 
     nodes: list[ServerProc]
     masters: int = 0
+    password: str | None = None
 
     @property
     def url(self) -> str:
-        """``redis-cluster://127.0.0.1:p1,...`` (every node as a seed)."""
-        return "redis-cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+        """``redis-cluster://[:password@]127.0.0.1:p1,...`` (every node as a seed)."""
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis-cluster://{auth}" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
 
     def node(self, port: int) -> ServerProc:
         """The node on ``port``."""
@@ -297,7 +330,7 @@ class ValkeyCluster:
             if not n.running:
                 continue
             try:
-                text = redis_command(n.port, "CLUSTER", "NODES").decode(errors="replace")
+                text = redis_command(n.port, "CLUSTER", "NODES", password=self.password).decode(errors="replace")
             except OSError:
                 continue
             out = []
@@ -314,19 +347,22 @@ class ValkeyCluster:
             n.stop()
 
 
-def _replicas_in_sync(nodes: list[ServerProc]) -> bool:
+def _replicas_in_sync(nodes: list[ServerProc], password: str | None = None) -> bool:
     for n in nodes:
-        info = redis_command(n.port, "INFO", "replication")
+        info = redis_command(n.port, "INFO", "replication", password=password)
         if b"role:slave" in info and b"master_link_status:up" not in info:
             return False
     return True
 
 
 def valkey_cluster(workdir: Path, masters: int = 3, replicas: int = 0, node_timeout_ms: int = 2000,
-                   extra: tuple[str, ...] = ()) -> ValkeyCluster:
-    """Start ``masters * (1 + replicas)`` cluster-enabled nodes (``extra``: more server options) and join them
-    with ``valkey-cli --cluster create`` (``replicas`` per master); returns once every node reports
-    ``cluster_state:ok`` and every replica is in sync."""
+                   extra: tuple[str, ...] = (), password: str | None = None) -> ValkeyCluster:
+    """Start ``masters * (1 + replicas)`` cluster-enabled nodes (``extra``: more server options; ``password``:
+    every node asks for it and uses it towards its master) and join them with ``valkey-cli --cluster create``
+    (``replicas`` per master); returns once every node reports ``cluster_state:ok`` and every replica is in
+    sync."""
+    if password:
+        extra = (*extra, "--requirepass", password, "--masterauth", password)
     nodes = []
     for _ in range(masters * (1 + replicas)):
         port = free_port(with_bus=True)
@@ -336,14 +372,15 @@ def valkey_cluster(workdir: Path, masters: int = 3, replicas: int = 0, node_time
     cli = valkey_bin("valkey-cli")
     if cli is None:
         raise RuntimeError("no valkey-cli to create the cluster")
-    subprocess.run([cli, "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in nodes],
+    subprocess.run([cli, *(("-a", password, "--no-auth-warning") if password else ()), "--cluster", "create",
+                    *[f"127.0.0.1:{n.port}" for n in nodes],
                     "--cluster-replicas", str(replicas), "--cluster-yes"], check=True, capture_output=True,
                    timeout=60)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        if (all(b"cluster_state:ok" in redis_command(n.port, "CLUSTER", "INFO") for n in nodes)
-                and _replicas_in_sync(nodes)):
-            c = ValkeyCluster(nodes, masters)
+        if (all(b"cluster_state:ok" in redis_command(n.port, "CLUSTER", "INFO", password=password) for n in nodes)
+                and _replicas_in_sync(nodes, password)):
+            c = ValkeyCluster(nodes, masters, password=password)
             if len(c.master_ports()) == masters:
                 return c
         time.sleep(0.1)

@@ -109,6 +109,9 @@ class SentinelView:
             if isinstance(r, RespError) and "unknown command" in r.message.lower():
                 # a plain Redis/Valkey server (a redis:// address given as a Sentinel): say so, not "no master"
                 return f"not a Sentinel, it answered SENTINEL with {r.message[:60]!r}: use redis:// for a server"
+            if isinstance(r, RespError) and r.message.startswith(("NOAUTH", "WRONGPASS")):
+                # the Sentinel's own password (not the data nodes'): say which setting, not "no master"
+                return f"{r.message} (the Sentinels' password is ?sentinel_password=...)"
             if isinstance(r, RespError):
                 return f"no master named {self.master_name!r} ({r.message})"
             return f"no master named {self.master_name!r} (answer {r!r})"
