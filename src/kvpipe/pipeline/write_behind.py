@@ -157,9 +157,6 @@ class PendingWrites:
 
     async def get_many(self, keys: Sequence[ChunkKey]) -> list[MemoryObj | None]:
         """The queued chunks (each with a reference for the caller), ``None`` for the others."""
-        out: list[MemoryObj | None] = []
-        for k in keys:
-            obj = self._find(k)
-            out.append(obj.ref() if obj is not None else None)
+        out = [self.peek_nowait(k) for k in keys]
         self.hits += sum(o is not None for o in out)
         return out
