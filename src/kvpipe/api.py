@@ -444,7 +444,8 @@ async def _build(config: Config) -> KVCache:
         if spec.always or spec.name.lower() in wanted:
             (extra_store if spec.pipeline == "store" else extra_retrieve).append(spec.factory(config))
     pool = create_pool(config.max_local_cpu_bytes, hugepages=config.local_cpu_use_hugepages,
-                       prefault=config.local_cpu_prefault)
+                       prefault=config.local_cpu_prefault,
+                       transparent_hugepages=config.local_cpu_transparent_hugepages)
     cpu = CpuTier(pool, policy_factory()) if config.local_cpu else None
     lower: list[Tier] = []
     try:

@@ -190,6 +190,8 @@ class Config:
     local_cpu: bool = _f(True, parse_bool, "keep chunks in the CPU pool (the hot cache in front of disk and remote)")
     max_local_cpu_size: float = _f(5.0, _float(0, strict=True), "GB of host memory for the CPU pool (> 0)")
     local_cpu_use_hugepages: bool = _f(False, parse_bool, "allocate the CPU pool on 2 MiB hugepages")
+    local_cpu_transparent_hugepages: bool = _f(True, parse_bool, "ask the kernel for transparent hugepages for "
+                                               "the CPU pool (madvise; no reservation needed)")
     local_cpu_prefault: bool = _f(True, parse_bool, "make the CPU pool resident at start (background, idle priority)")
     local_disk: str | None = _f(None, _opt_str, "disk tier directory: file:///path or a path; None disables")
     max_local_disk_size: float = _f(20.0, _float(0, strict=True), "GB the disk tier may hold (LRU beyond)")

@@ -298,3 +298,27 @@ def test_a_large_pool_asks_for_transparent_hugepages() -> None:
         assert eligible
     finally:
         pool.close()
+
+
+@pytest.mark.skipif(_thp_mode() not in ("madvise", "always"), reason="transparent hugepages are off here")
+@pytest.mark.parametrize("env_value", [None, "false"])
+async def test_the_cache_pool_asks_for_transparent_hugepages_unless_told_not_to(env_value: str | None) -> None:
+    """``KVPIPE_LOCAL_CPU_TRANSPARENT_HUGEPAGES=false`` (an operator seeing compaction stalls) leaves the pool on
+    regular pages; the default asks. The statistics say which, and the kernel's own flag for the mapping agrees
+    (under "always" every anonymous mapping is eligible, so only the asked-for case is checked there)."""
+    from kvpipe import Config
+    from kvpipe.api import open_cache
+
+    env = {"KVPIPE_MAX_LOCAL_CPU_SIZE": "0.0625", "KVPIPE_LOCAL_CPU_PREFAULT": "false"}
+    if env_value is not None:
+        env["KVPIPE_LOCAL_CPU_TRANSPARENT_HUGEPAGES"] = env_value
+    config = Config.load(env=env)
+    assert config.local_cpu_transparent_hugepages is (env_value is None)
+    async with open_cache(config) as cache:
+        stats = cache.statistics().pool
+        assert stats.transparent_hugepages is (env_value is None and not stats.pinned)
+        eligible = _thp_eligible(cache.pool.buffer.data_ptr())
+        if eligible is None:
+            pytest.skip("this kernel does not report THPeligible")
+        if stats.transparent_hugepages or _thp_mode() == "madvise":
+            assert eligible is stats.transparent_hugepages

@@ -45,6 +45,9 @@ class PoolStats:
     evictions: int
     pinned: bool
     hugepages: bool
+    #: the pool asked the kernel for transparent hugepages (``madvise``); the kernel backs it with 2 MiB pages
+    #: where it has them (``AnonHugePages`` in ``/proc/PID/smaps`` says how much)
+    transparent_hugepages: bool = False
 
 
 _CHECKSUM_LOCK = threading.Lock()
@@ -168,7 +171,9 @@ class MemoryObj:
         return cls(None, 0, t.numel() * t.element_size(), t, num_tokens)
 
 
-def _alloc_buffer(nbytes: int, *, pin: bool, hugepages: bool) -> tuple[torch.Tensor, object, bool]:
+def _alloc_buffer(nbytes: int, *, pin: bool, hugepages: bool, thp: bool = True
+                  ) -> tuple[torch.Tensor, object, bool, bool]:
+    """``(buffer, mapping to keep alive, on MAP_HUGETLB pages, transparent hugepages asked for)``."""
     global _warned_hugepages
     if hugepages:
         size = -(-nbytes // _HUGEPAGE) * _HUGEPAGE
@@ -183,21 +188,24 @@ def _alloc_buffer(nbytes: int, *, pin: bool, hugepages: bool) -> tuple[torch.Ten
             buf = torch.frombuffer(mm, dtype=torch.uint8)
             if pin and torch.cuda.is_available():
                 torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), size, 0)
-            return buf[:nbytes], mm, True
+            return buf[:nbytes], mm, True, False
     pin = pin and torch.cuda.is_available()
-    if not pin and nbytes >= _HUGEPAGE and hasattr(mmap, "MADV_HUGEPAGE"):
+    if thp and not pin and nbytes >= _HUGEPAGE and hasattr(mmap, "MADV_HUGEPAGE"):
         # Transparent hugepages (no reservation needed, unlike MAP_HUGETLB above): the kernel backs the pool with
         # 2 MiB pages where it can, so reading a cold 4 MiB chunk takes 2 TLB entries instead of 1024. Here that
         # made hashing a cold chunk 0.144-0.154 ms instead of 0.169-0.174 ms (torch.empty's memory gets 4 KiB
         # pages: THP is "madvise" only). Regular pages where THP is off or the kernel has none to give.
+        # ``local_cpu_transparent_hugepages: false`` turns this off (a fragmented host may compact memory on a
+        # first touch; ``local_cpu_prefault`` moves that to start-up).
         size = -(-nbytes // _HUGEPAGE) * _HUGEPAGE
         mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         try:
             mm.madvise(mmap.MADV_HUGEPAGE)
+            asked = True
         except OSError:  # a kernel built without THP
-            pass
-        return torch.frombuffer(mm, dtype=torch.uint8)[:nbytes], mm, False
-    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin), None, False
+            asked = False
+        return torch.frombuffer(mm, dtype=torch.uint8)[:nbytes], mm, False, asked
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin), None, False, False
 
 
 @attrs.define(eq=False)
@@ -209,6 +217,7 @@ class HostPool:
     pinned: bool
     hugepages: bool
     _mapping: object = None
+    transparent_hugepages: bool = False
     _free_offsets: list[int] = attrs.field(factory=list)
     _free_sizes: list[int] = attrs.field(factory=list)
     _used: int = 0
@@ -308,7 +317,7 @@ class HostPool:
     def statistics(self) -> PoolStats:
         """A snapshot of capacity, use and failures."""
         return PoolStats(self.capacity, self._used, self._objects, self._alloc_failures, self._evictions,
-                         self.pinned, self.hugepages)
+                         self.pinned, self.hugepages, self.transparent_hugepages)
 
 
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14
@@ -342,15 +351,19 @@ def _prefault(buf: torch.Tensor, stop: threading.Event) -> None:
             return
 
 
-def create_pool(nbytes: int, *, hugepages: bool = False, prefault: bool = False) -> HostPool:
+def create_pool(nbytes: int, *, hugepages: bool = False, prefault: bool = False,
+                transparent_hugepages: bool = True) -> HostPool:
     """Preallocate a pool of ``nbytes`` (pinned when CUDA is available; hugepages when asked and possible).
 
-    ``prefault`` makes the pages resident in a background thread (the pool is usable at once).
+    ``prefault`` makes the pages resident in a background thread (the pool is usable at once);
+    ``transparent_hugepages``: a pool of 2 MiB or more that is neither pinned nor on ``hugepages`` asks the kernel
+    for transparent hugepages.
     """
     nbytes = max(ALIGN, -(-nbytes // ALIGN) * ALIGN)
     pin = torch.cuda.is_available()
-    buf, mapping, huge = _alloc_buffer(nbytes, pin=pin, hugepages=hugepages)
-    pool = HostPool(capacity=nbytes, buffer=buf, pinned=pin, hugepages=huge, mapping=mapping)
+    buf, mapping, huge, thp = _alloc_buffer(nbytes, pin=pin, hugepages=hugepages, thp=transparent_hugepages)
+    pool = HostPool(capacity=nbytes, buffer=buf, pinned=pin, hugepages=huge, mapping=mapping,
+                    transparent_hugepages=thp)
     if prefault and not pin:  # pinned memory is resident already
         # The thread holds ``buf``, so the memory outlives it even if the pool goes first; close() stops it.
         pool._prefaulter = threading.Thread(target=_prefault, args=(buf, pool._stop), name="kvpipe-pool-prefault",
