@@ -14,8 +14,8 @@ import pytest
 pytestmark = pytest.mark.model
 
 
-def _demo(config_file: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "KVPIPE_LOG_LEVEL": "INFO"}
+def _demo(config_file: Path, *extra: str, **env_extra: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "KVPIPE_LOG_LEVEL": "INFO", **env_extra}
     return subprocess.run([sys.executable, "-m", "kvpipe.cli", "demo", "--tokens", "600", "--max-new-tokens", "6",
                            "--config", str(config_file), *extra], capture_output=True, text=True, env=env,
                           timeout=600)
@@ -55,3 +55,10 @@ def test_demo_reports_bad_options_in_one_line(config_file: Path, tmp_path: Path)
     run = _demo(config_file, "--context", str(tmp_path / "missing.txt"))
     assert run.returncode == 2
     assert run.stderr.strip().splitlines()[-1].startswith("kvpipe: error: --context")
+
+    # A bad config value is reported before the model is loaded (no spinner line for it), in one line.
+    bad = _demo(config_file, KVPIPE_LOCAL_CPU_TRANSPARENT_HUGEPAGES="maybe")
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1] == ("kvpipe: error: local_cpu_transparent_hugepages: got 'maybe', "
+                                                   "expected true or false")
+    assert "loading the model" not in bad.stdout + bad.stderr

@@ -184,3 +184,19 @@ def test_a_port_in_use_is_one_line_before_the_model_loads() -> None:
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert lines[0] == f"kvpipe: error: cannot listen on 127.0.0.1:{port}: Address already in use"
+
+
+def test_a_bad_config_value_is_one_line_before_the_model_loads() -> None:
+    """A bad cache setting is reported (one line, exit 2) before the model is loaded, not after."""
+    import os
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        port = s.getsockname()[1]  # free again once closed: serve binds it first, then reads the config
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "KVPIPE_LOCAL_CPU_TRANSPARENT_HUGEPAGES": "maybe"}
+    r = subprocess.run([sys.executable, "-m", "kvpipe.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+                       capture_output=True, text=True, timeout=120, env=env)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0] == "kvpipe: error: local_cpu_transparent_hugepages: got 'maybe', expected true or false"
+    assert "loading the model" not in r.stdout

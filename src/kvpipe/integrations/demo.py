@@ -147,10 +147,10 @@ def run(args: argparse.Namespace) -> int:
 
     text = read_context(args.context)
     question = args.question or (DEFAULT_QUESTION if args.context is None else "Summarize the document above.")
+    base = demo_config(args.config)  # a bad config fails now, not after the model has loaded
     with Spinner("loading the model") as spin:
         model, tokenizer = load_model(args.model, progress=spin.update)
-    cfg = cache_config_for(model, demo_config(args.config),
-                           model_name=None if args.model is None else model_name_for(args.model))
+    cfg = cache_config_for(model, base, model_name=None if args.model is None else model_name_for(args.model))
     ids = build_prompt_ids(tokenizer, args.tokens, question=question, text=text)
     tiers = ["cpu"] if cfg.local_cpu else []
     if cfg.local_disk_path is not None:

@@ -57,10 +57,10 @@ def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
     from kvpipe.integrations.transformers import CachedLM, cache_config_for
     from kvpipe.serve.app import create_app
 
+    base = demo_config(args.config, disk_dir="serve-disk")  # a bad config fails now, not after the model loaded
     with Spinner("loading the model") as spin:
         model, tokenizer = load_model(args.model, progress=spin.update)
-    cfg = cache_config_for(model, demo_config(args.config, disk_dir="serve-disk"),
-                           model_name=None if args.model is None else model_name_for(args.model))
+    cfg = cache_config_for(model, base, model_name=None if args.model is None else model_name_for(args.model))
     model_id = args.served_model_name or cfg.model_name
     with contextlib.ExitStack() as stack:
         cache = None if args.no_cache else stack.enter_context(kvpipe.Cache(cfg))
